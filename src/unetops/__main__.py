@@ -1,0 +1,3 @@
+from unetops.cli import main
+
+main()

@@ -1,0 +1,78 @@
+"""The ``unetops`` command: one thin command per DVC stage, each calling ``stages.<name>.run(cfg)``."""
+
+import importlib
+from pathlib import Path
+
+import typer
+
+from unetops.config import load_config
+from unetops.errors import UnetopsError
+
+app = typer.Typer(
+    help="Reproducible U-Net segmentation of biomedical images: DVC stages, MLflow runs, Optuna.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+ParamsOption = typer.Option(Path("params.yaml"), "--params", "-p",
+                            help="The params file; its folder is the project root.")
+
+
+def fail(exc: UnetopsError) -> typer.Exit:
+    typer.echo(f"unetops: error: {exc}", err=True)
+    return typer.Exit(code=1)
+
+
+def run_stage(name: str, params: Path) -> None:
+    try:
+        cfg = load_config(params)
+        importlib.import_module(f"unetops.stages.{name}").run(cfg)
+    except UnetopsError as exc:
+        raise fail(exc) from None
+
+
+@app.command()
+def download(params: Path = ParamsOption) -> None:
+    """Fetch the dataset (mirror first, SHA256-verified) and unpack it into data/raw/."""
+    run_stage("download", params)
+
+
+@app.command()
+def split(params: Path = ParamsOption) -> None:
+    """Assign cases to train/val/test, compute missing FOV masks, validate, write data/split.csv."""
+    run_stage("split", params)
+
+
+@app.command()
+def preprocess(params: Path = ParamsOption) -> None:
+    """Channel, standardisation, CLAHE and gamma for every case, into data/preprocessed/."""
+    run_stage("preprocess", params)
+
+
+@app.command()
+def augment(params: Path = ParamsOption) -> None:
+    """Seeded augmented copies of the training cases, into data/augmented/."""
+    run_stage("augment", params)
+
+
+@app.command()
+def train(params: Path = ParamsOption) -> None:
+    """Train the U-Net on patches (resumable), tracked in MLflow; writes models/model.keras."""
+    run_stage("train", params)
+
+
+@app.command()
+def evaluate(params: Path = ParamsOption) -> None:
+    """Overlap-tile prediction and FOV metrics on validation and test; writes reports/."""
+    run_stage("evaluate", params)
+
+
+@app.command()
+def tune(params: Path = ParamsOption) -> None:
+    """Optuna search over the params.yaml search space; rebuilds reports/hyperparameters.md."""
+    run_stage("tune", params)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,161 @@
+"""Image and file I/O at the edges: every read names the file on failure, every write is atomic.
+
+Atomic means written to a temporary name in the same folder and then ``os.replace``-d, so an
+interrupted stage never leaves a half-written file that DVC could cache.
+"""
+
+import contextlib
+import gzip
+import io
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import cv2
+import numpy as np
+import tifffile
+
+from unetops.errors import UnetopsError
+
+TIFF_SUFFIXES = {".tif", ".tiff"}
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; it replaces ``path`` only if the block succeeds."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix,
+                                   dir=path.parent)
+    except OSError as exc:
+        raise UnetopsError(f"{path}: cannot write ({exc.strerror})") from exc
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    except OSError as exc:
+        raise UnetopsError(f"{path}: cannot write ({exc.strerror})") from exc
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: Path) -> Iterator[Path]:
+    """Yield a fresh temporary folder that replaces the folder ``path`` only if the block succeeds."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    except OSError as exc:
+        raise UnetopsError(f"{path}: cannot write ({exc.strerror})") from exc
+    try:
+        yield tmp
+        old = path.with_name(f".{path.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    except OSError as exc:
+        raise UnetopsError(f"{path}: cannot write ({exc.strerror})") from exc
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_text(path: Path, text: str) -> None:
+    write_bytes(path, text.encode())
+
+
+def write_json(path: Path, obj) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def write_csv(path: Path, frame) -> None:
+    """Write a pandas DataFrame as CSV (no index), atomically."""
+    write_text(path, frame.to_csv(index=False, lineterminator="\n"))
+
+
+def read_image(path: Path) -> np.ndarray:
+    """Read any image OpenCV or tifffile can read (also ``.gz``-compressed): RGB or gray, native dtype.
+
+    Colour images come back as (H, W, 3) RGB, gray ones as (H, W); an alpha channel is dropped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UnetopsError(f"{path}: file not found")
+    suffix = path.suffix.lower()
+    try:
+        data = path.read_bytes()
+        if suffix == ".gz":
+            data = gzip.decompress(data)
+            suffix = Path(path.stem).suffix.lower()
+        if suffix in TIFF_SUFFIXES:
+            image = tifffile.imread(io.BytesIO(data))
+        else:
+            image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+            if image is not None and image.ndim == 3:
+                image = cv2.cvtColor(image, cv2.COLOR_BGRA2RGB if image.shape[2] == 4
+                                     else cv2.COLOR_BGR2RGB)
+    except (OSError, ValueError, EOFError, tifffile.TiffFileError, cv2.error) as exc:
+        raise UnetopsError(f"{path}: not a readable image ({exc.__class__.__name__})") from exc
+    if image is None or image.size == 0:
+        raise UnetopsError(f"{path}: not a readable image")
+    image = np.asarray(image)
+    if image.dtype == bool:
+        image = image.astype(np.uint8)
+    if image.ndim == 3 and image.shape[2] == 4 and suffix in TIFF_SUFFIXES:
+        image = image[..., :3]
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[..., 0]
+    if image.ndim not in (2, 3):
+        raise UnetopsError(f"{path}: not a 2-D image (shape {image.shape})")
+    return image
+
+
+def read_mask(path: Path) -> np.ndarray:
+    """Read a mask stored 0/1, 0/255 or boolean as a bool array (any nonzero pixel is foreground).
+
+    Whether the file is really binary is the validation suite's job (``unetops.validation``).
+    """
+    mask = read_image(path)
+    if mask.ndim == 3:
+        mask = mask[..., 0]
+    return mask > 0
+
+
+def write_png(path: Path, image: np.ndarray) -> None:
+    """Write an 8- or 16-bit gray or RGB image as a lossless PNG, atomically."""
+    image = np.asarray(image)
+    if image.dtype == bool:
+        image = image.astype(np.uint8) * 255
+    if image.ndim == 3:
+        image = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+    ok, encoded = cv2.imencode(".png", image)
+    if not ok:
+        raise UnetopsError(f"{path}: cannot encode PNG")
+    write_bytes(path, encoded.tobytes())
+
+
+def save_arrays(path: Path, **arrays: np.ndarray) -> None:
+    """Save named arrays as one compressed ``.npz`` (lossless), atomically."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez_compressed(fh, **arrays)
+
+
+def load_arrays(path: Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path) as data:
+            return {key: data[key] for key in data.files}
+    except (OSError, ValueError) as exc:
+        raise UnetopsError(f"{path}: not a readable array file ({exc})") from exc
