@@ -11,8 +11,9 @@ import json
 import os
 import shutil
 import tempfile
+import zlib
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import cv2
 import numpy as np
@@ -85,41 +86,55 @@ def write_csv(path: Path, frame) -> None:
     write_text(path, frame.to_csv(index=False, lineterminator="\n"))
 
 
-def read_image(path: Path) -> np.ndarray:
-    """Read any image OpenCV or tifffile can read (also ``.gz``-compressed): RGB or gray, native dtype.
+def decode_image(data: bytes, name: str) -> np.ndarray:
+    """Decode an image file's bytes (``.gz`` too): RGB ``(H, W, 3)`` or gray ``(H, W)``, native dtype.
 
-    Colour images come back as (H, W, 3) RGB, gray ones as (H, W); an alpha channel is dropped.
+    TIFFs go through tifffile (multi-page, bool, float) and fall back to OpenCV for compressions
+    tifffile cannot decode without ``imagecodecs`` (DRIVE's LZW TIFFs); everything else is OpenCV.
+    An alpha channel is dropped. ``name`` is what an error message shows.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise UnetopsError(f"{path}: file not found")
-    suffix = path.suffix.lower()
+    suffix = PurePosixPath(name).suffix.lower()
     try:
-        data = path.read_bytes()
         if suffix == ".gz":
             data = gzip.decompress(data)
-            suffix = Path(path.stem).suffix.lower()
+            suffix = PurePosixPath(PurePosixPath(name).stem).suffix.lower()
+        image = None
         if suffix in TIFF_SUFFIXES:
-            image = tifffile.imread(io.BytesIO(data))
-        else:
+            try:
+                image = tifffile.imread(io.BytesIO(data))
+            except (ValueError, tifffile.TiffFileError):
+                image = None
+        if image is None:
             image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
             if image is not None and image.ndim == 3:
                 image = cv2.cvtColor(image, cv2.COLOR_BGRA2RGB if image.shape[2] == 4
                                      else cv2.COLOR_BGR2RGB)
-    except (OSError, ValueError, EOFError, tifffile.TiffFileError, cv2.error) as exc:
-        raise UnetopsError(f"{path}: not a readable image ({exc.__class__.__name__})") from exc
-    if image is None or image.size == 0:
-        raise UnetopsError(f"{path}: not a readable image")
+    except (OSError, EOFError, zlib.error, cv2.error) as exc:
+        raise UnetopsError(f"{name}: not a readable image ({exc.__class__.__name__})") from None
+    if image is None or np.asarray(image).size == 0:
+        raise UnetopsError(f"{name}: not a readable image")
     image = np.asarray(image)
     if image.dtype == bool:
         image = image.astype(np.uint8)
-    if image.ndim == 3 and image.shape[2] == 4 and suffix in TIFF_SUFFIXES:
-        image = image[..., :3]
+    if image.ndim == 3 and image.shape[2] in (2, 4):
+        image = image[..., : image.shape[2] - 1]
     if image.ndim == 3 and image.shape[2] == 1:
         image = image[..., 0]
-    if image.ndim not in (2, 3):
-        raise UnetopsError(f"{path}: not a 2-D image (shape {image.shape})")
+    if image.ndim != 2 and not (image.ndim == 3 and image.shape[2] == 3):
+        raise UnetopsError(f"{name}: not a 2-D gray or RGB image (shape {image.shape})")
     return image
+
+
+def read_image(path: Path, shown: str | None = None) -> np.ndarray:
+    """Read any image OpenCV or tifffile can read (see :func:`decode_image`); errors show ``shown``."""
+    shown = shown or str(path)
+    if not Path(path).is_file():
+        raise UnetopsError(f"{shown}: file not found")
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise UnetopsError(f"{shown}: cannot read ({exc.strerror})") from None
+    return decode_image(data, shown)
 
 
 def read_mask(path: Path) -> np.ndarray:

@@ -29,8 +29,6 @@ class Rule:
 def _batch_definition():
     import great_expectations as gx
 
-    for name in ("great_expectations", "great_expectations.core", "great_expectations.data_context"):
-        logging.getLogger(name).setLevel(logging.ERROR)
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = {"globally": False, "metric_calculations": False}
     asset = context.data_sources.add_pandas("unetops").add_dataframe_asset("frame")
@@ -42,18 +40,25 @@ def check_frame(frame: pd.DataFrame, rules: list[Rule], what: str) -> None:
 
     ``what`` names the whole table (e.g. ``data/split.csv``) for rules that no single row breaks.
     """
-    import great_expectations.expectations as gxe
-
     if frame.empty:
         raise UnetopsError(f"{what}: no cases (expect at least one row)")
-    batch = _batch_definition().get_batch(batch_parameters={"dataframe": frame.reset_index(drop=True)})
-    for rule in rules:
-        expectation = getattr(gxe, rule.expectation)(**rule.kwargs)
-        result = batch.validate(expectation, result_format="COMPLETE")
+    # GE logs every metric computation at INFO (one module resets its own level), so mute it.
+    logging.disable(logging.INFO)
+    try:
+        import great_expectations.expectations as gxe
+
+        batch = _batch_definition().get_batch(
+            batch_parameters={"dataframe": frame.reset_index(drop=True)})
+        results = [(rule, batch.validate(getattr(gxe, rule.expectation)(**rule.kwargs),
+                                         result_format="COMPLETE")) for rule in rules]
+    finally:
+        logging.disable(logging.NOTSET)
+    for rule, result in results:
         if result.success:
             continue
         rows = result.result.get("unexpected_index_list") or []
         where = what
         if rows and "path" in frame.columns:
             where = str(frame.reset_index(drop=True).loc[rows[0], "path"])
-        raise UnetopsError(f"{where}: {rule.description} ({expectation.expectation_type})")
+        kind = result.expectation_config.type
+        raise UnetopsError(f"{where}: {rule.description} ({kind})")
