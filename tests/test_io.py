@@ -74,3 +74,10 @@ def test_arrays_round_trip(tmp_path):
     back = load_arrays(tmp_path / "c.npz")
     np.testing.assert_array_equal(back["image"], image)
     assert back["mask"].dtype == np.uint8
+
+
+def test_same_arrays_same_bytes(tmp_path):
+    image = np.random.default_rng(0).random((8, 8, 1), dtype=np.float32)
+    save_arrays(tmp_path / "a.npz", image=image)
+    save_arrays(tmp_path / "b.npz", image=image)
+    assert (tmp_path / "a.npz").read_bytes() == (tmp_path / "b.npz").read_bytes()

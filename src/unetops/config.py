@@ -8,10 +8,11 @@ values are errors that name the key. Paths are declared once, in :class:`Paths`.
 
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
+                      field_validator, model_validator)
 
 from unetops.errors import UnetopsError
 
@@ -26,7 +27,11 @@ class Section(BaseModel):
 # --- data -------------------------------------------------------------------------------------
 
 class FolderData(Section):
-    """A user's own folder of image/mask pairs matched by file stem (or an nnU-Net raw folder)."""
+    """A user's own folder of image/mask pairs matched by file stem (or an nnU-Net raw folder).
+
+    Paths are absolute or relative to the project root. ``masks`` may be left out when ``images``
+    is an nnU-Net raw dataset folder (``imagesTr/`` + ``labelsTr/``); ``fov`` is optional.
+    """
 
     images: Path | None = None
     masks: Path | None = None
@@ -42,6 +47,8 @@ class SyntheticData(Section):
 
 
 class DataConfig(Section):
+    """Which dataset ``download`` fetches (mirror first) and converts into ``data/raw``."""
+
     dataset: Literal["stare", "drive", "isbi2012", "folder", "synthetic"] = "stare"
     stare_labels: Literal["ah", "vk"] = "ah"
     folder: FolderData = FolderData()
@@ -49,9 +56,8 @@ class DataConfig(Section):
 
     @model_validator(mode="after")
     def _folder_needs_paths(self):
-        if self.dataset == "folder" and (self.folder.images is None or self.folder.masks is None):
-            raise ValueError("data.folder.images and data.folder.masks are required "
-                             "when data.dataset is 'folder'")
+        if self.dataset == "folder" and self.folder.images is None:
+            raise ValueError("data.folder.images is required when data.dataset is 'folder'")
         return self
 
 
@@ -67,13 +73,39 @@ class SplitConfig(Section):
 # --- image pipeline ---------------------------------------------------------------------------
 
 class PreprocessConfig(Section):
+    """Per-image intensity pipeline: resize, channel, standardise, CLAHE, gamma, rescale to [0, 1].
+
+    Defaults are orobix retina-unet's recipe for vessels, made FOV-aware: the green channel (the
+    highest vessel contrast), standardisation with statistics from the field of view only, CLAHE
+    clip 2.0 on an 8×8 tile grid, gamma 1.2 (seed 001 uses CLAHE 7.0 on 7×7, also gamma 1.2).
+    Each step is switchable: ``standardize``/``clahe`` false, ``gamma`` 1.0, ``resize_max_side``
+    null (native size, the default). ``foreground_fraction`` is the plausible range of the mask's
+    share of FOV pixels (vessels ~0.08–0.15, ISBI membranes ~0.2), checked after the stage.
+    """
+
     channel: Literal["green", "luminance", "rgb"] = "green"
     standardize: bool = True
+    standardize_clip_sigma: Annotated[float, Field(gt=0.0, le=100.0)] | None = None
     clahe: bool = True
     clahe_clip_limit: Annotated[float, Field(gt=0.0, le=100.0)] = 2.0
     clahe_tile_grid: Annotated[int, Field(ge=1, le=64)] = 8
     gamma: Annotated[float, Field(gt=0.0, le=10.0)] = 1.2
-    resize_max_side: Annotated[int, Field(ge=32)] | None = None
+    mask_outside_fov: bool = True
+    resize_max_side: Annotated[int, Field(ge=32, le=65536)] | None = None
+    foreground_fraction: tuple[Probability, Probability] = (0.001, 0.5)
+
+    @field_validator("foreground_fraction")
+    @classmethod
+    def _ordered_range(cls, value):
+        if value[0] > value[1]:
+            raise ValueError("expected [low, high] with low <= high")
+        return value
+
+
+class Flip(Section):
+    """Mirror left-right and, independently, up-down, each with probability ``prob``."""
+
+    prob: Probability = 0.0
 
 
 class Transform(Section):
@@ -83,91 +115,289 @@ class Transform(Section):
     max: Annotated[float, Field(ge=0.0)] = 0.0
 
 
+class Rotation(Transform):
+    """Rotation by an angle in [-max, max] degrees (any angle: max 180), borders reflected."""
+
+    max: Annotated[float, Field(ge=0.0, le=180.0)] = 0.0
+
+
+class Zoom(Transform):
+    """Isotropic scaling by a factor in [1 - max, 1 + max]."""
+
+    max: Annotated[float, Field(ge=0.0, le=0.9)] = 0.0
+
+
+class Shear(Transform):
+    """Horizontal shear by an angle in [-max, max] degrees."""
+
+    max: Annotated[float, Field(ge=0.0, le=60.0)] = 0.0
+
+
+class Brightness(Transform):
+    """Add an offset in [-max, max] to the [0, 1] image (inside the FOV)."""
+
+    max: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+
+
+class Contrast(Transform):
+    """Scale the image about its FOV mean by a factor in [1 - max, 1 + max]."""
+
+    max: Annotated[float, Field(ge=0.0, le=0.9)] = 0.0
+
+
+class GammaJitter(Transform):
+    """Raise the [0, 1] image to a power in [1 - max, 1 + max]."""
+
+    max: Annotated[float, Field(ge=0.0, le=0.9)] = 0.0
+
+
+class Noise(Transform):
+    """Add Gaussian noise with a standard deviation drawn in [0, max]."""
+
+    max: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+
+
 class ElasticTransform(Section):
+    """Simard et al. (2003): per axis uniform(-1, 1) noise, smoothed (``sigma`` px), × ``alpha``.
+
+    The displacement's RMS is about ``0.16 * alpha / sigma`` px per axis; one field moves image,
+    mask and FOV alike.
+    """
+
     prob: Probability = 0.0
-    alpha: Annotated[float, Field(ge=0.0)] = 34.0
-    sigma: Annotated[float, Field(gt=0.0)] = 6.0
+    alpha: Annotated[float, Field(ge=0.0, le=10000.0)] = 400.0
+    sigma: Annotated[float, Field(ge=1.0, le=200.0)] = 16.0
 
 
 class AugmentConfig(Section):
-    seed: int = 0
+    """Seeded offline augmentation of the training cases (``copies`` per case; 0 passes through).
+
+    Geometric transforms (one affine + one elastic field, one remap) move image, mask and FOV
+    alike; photometric ones touch the image alone, inside the FOV. ``weight_map`` stores the
+    U-Net paper's weight map (w0, sigma in px) with each copy, for the weighted loss (ISBI 2012).
+    """
+
+    seed: Annotated[int, Field(ge=0)] = 0
     copies: Annotated[int, Field(ge=0, le=1000)] = 4
-    flip: Transform = Transform(prob=0.5)
-    rotate: Transform = Transform(prob=0.8, max=180.0)
-    zoom: Transform = Transform(prob=0.3, max=0.15)
-    shear: Transform = Transform(prob=0.2, max=10.0)
+    flip: Flip = Flip(prob=0.5)
+    rotate: Rotation = Rotation(prob=0.8, max=180.0)
+    zoom: Zoom = Zoom(prob=0.3, max=0.15)
+    shear: Shear = Shear(prob=0.2, max=10.0)
     elastic: ElasticTransform = ElasticTransform(prob=0.3)
-    brightness: Transform = Transform(prob=0.3, max=0.1)
-    contrast: Transform = Transform(prob=0.3, max=0.2)
-    gamma: Transform = Transform(prob=0.3, max=0.2)
-    noise: Transform = Transform(prob=0.2, max=0.02)
+    brightness: Brightness = Brightness(prob=0.3, max=0.1)
+    contrast: Contrast = Contrast(prob=0.3, max=0.2)
+    gamma: GammaJitter = GammaJitter(prob=0.3, max=0.2)
+    noise: Noise = Noise(prob=0.2, max=0.02)
     weight_map: bool = False
-    weight_w0: Annotated[float, Field(ge=0.0)] = 10.0
-    weight_sigma: Annotated[float, Field(gt=0.0)] = 5.0
+    weight_w0: Annotated[float, Field(ge=0.0, le=1000.0)] = 10.0
+    weight_sigma: Annotated[float, Field(gt=0.0, le=1000.0)] = 5.0
 
 
 # --- model and training -----------------------------------------------------------------------
 
 class ModelConfig(Section):
+    """The U-Net that ``unetops.model.build_unet`` builds; every seed's variant is a setting here.
+
+    ``base_filters`` doubles per level; ``depth`` is the number of poolings. ``norm``: batch,
+    group (``norm_groups`` groups), instance (one group per channel) or none. ``dropout`` acts on
+    the ``dropout_levels`` deepest encoder levels, the bottleneck counting as one (seeds 000/004:
+    0.5 on 2). ``valid`` padding crops the skips as in the U-Net paper and shrinks the output by
+    ``unetops.model.output_margin`` px per side. Defaults (depth 3, 16 filters, batch norm,
+    transposed convolutions, same padding) are the ones measured for a laptop CPU
+    (benchmarks/bench_train.py).
+    """
+
     depth: Annotated[int, Field(ge=1, le=6)] = 3
     base_filters: Annotated[int, Field(ge=1, le=256)] = 16
     convs_per_level: Annotated[int, Field(ge=1, le=4)] = 2
-    norm: Literal["batch", "instance", "none"] = "batch"
+    norm: Literal["batch", "group", "instance", "none"] = "batch"
+    norm_groups: Annotated[int, Field(ge=1, le=256)] = 8
     dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
-    dropout_levels: Annotated[int, Field(ge=0)] = 1
+    dropout_levels: Annotated[int, Field(ge=0, le=7)] = 1
     upsampling: Literal["transpose", "bilinear"] = "transpose"
     padding: Literal["same", "valid"] = "same"
 
+    @model_validator(mode="after")
+    def _dropout_levels_exist(self):
+        if self.dropout_levels > self.depth + 1:
+            raise ValueError(f"dropout_levels must be at most depth + 1 ({self.depth + 1})")
+        return self
+
 
 class TrainConfig(Section):
-    seed: int = 0
+    """Patch training (``unetops train``): sampler, loss, Adam and its learning-rate schedule.
+
+    ``patch_size`` is the network's input; with ``model.padding: valid`` the labels are the
+    centred output window. ``patches_per_epoch`` is rounded down to whole batches.
+    ``learning_rate`` is the constant rate, the cosine start or the cyclic maximum; ``lr_min``
+    the cosine end or the cyclic minimum; ``cycle_steps`` the cyclic half period in steps and
+    ``cycle_gamma`` the exp_range decay per step (seed 002: 1e-5…1e-4, 500, 0.999).
+    ``pos_weight`` (weighted_bce) null: background/vessel pixel ratio of the training FOVs.
+    ``reduce_lr_patience`` / ``early_stopping_patience`` 0 switch those callbacks off;
+    ``monitor`` picks the best model, early stopping and plateau detection.
+    """
+
+    seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = 0
     epochs: Annotated[int, Field(ge=1, le=10000)] = 20
     batch_size: Annotated[int, Field(ge=1, le=4096)] = 32
     learning_rate: Annotated[float, Field(gt=0.0, le=1.0)] = 1e-3
-    patch_size: Annotated[int, Field(ge=8, le=1024)] = 48
-    patches_per_epoch: Annotated[int, Field(ge=1)] = 4096
-    val_patches: Annotated[int, Field(ge=1)] = 1024
+    patch_size: Annotated[int, Field(ge=8, le=2048)] = 48
+    patches_per_epoch: Annotated[int, Field(ge=1, le=10_000_000)] = 4096
+    val_patches: Annotated[int, Field(ge=1, le=1_000_000)] = 1024
     vessel_fraction: Probability = 0.0
     loss: Literal["bce", "weighted_bce", "weight_map", "dice", "bce_dice"] = "bce"
+    pos_weight: Annotated[float, Field(gt=0.0, le=1000.0)] | None = None
     lr_schedule: Literal["constant", "cosine", "triangular", "exp_range"] = "constant"
-    lr_min: Annotated[float, Field(gt=0.0)] = 1e-5
-    cycle_steps: Annotated[int, Field(ge=1)] = 500
+    lr_min: Annotated[float, Field(gt=0.0, le=1.0)] = 1e-5
+    cycle_steps: Annotated[int, Field(ge=1, le=1_000_000)] = 500
     cycle_gamma: Annotated[float, Field(gt=0.0, le=1.0)] = 0.999
-    reduce_lr_patience: Annotated[int, Field(ge=0)] = 0
-    early_stopping_patience: Annotated[int, Field(ge=0)] = 0
+    reduce_lr_patience: Annotated[int, Field(ge=0, le=1000)] = 0
+    reduce_lr_factor: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.1
+    early_stopping_patience: Annotated[int, Field(ge=0, le=10000)] = 0
     monitor: Literal["val_iou", "val_f1", "val_auc", "val_loss"] = "val_f1"
     use_tuned: bool = False
 
+    @model_validator(mode="after")
+    def _schedule_is_consistent(self):
+        if self.lr_schedule != "constant" and self.lr_min >= self.learning_rate:
+            raise ValueError(f"lr_min must be below learning_rate for lr_schedule {self.lr_schedule}")
+        if self.reduce_lr_patience and self.lr_schedule != "constant":
+            raise ValueError("reduce_lr_patience needs lr_schedule constant "
+                             "(a schedule already sets the rate)")
+        return self
+
 
 class EvaluateConfig(Section):
-    tile: Annotated[int, Field(ge=8, le=4096)] = 256
-    overlap: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.25
+    """Whole-image overlap-tile prediction (``evaluate`` and ``unetops predict``) and model promotion.
+
+    ``tile`` is the largest input tile; each image's tile shrinks to what its tile count needs
+    (:func:`unetops.tiling.fit_tile`). ``overlap`` is the fraction of a tile shared with its
+    neighbour; ``blend`` weighs overlaps with nnU-Net's Gaussian or uniformly; ``batch_size``
+    caps tiles per forward pass; ``flip_tta`` averages the four mirror images (4× the time);
+    ``jit_compile`` runs the forward pass through XLA. ``curve_points`` is the ROC/PR plot's
+    resolution; ``champion_metric`` is the validation metric (pooled FOV pixels, threshold 0.5)
+    a new model must beat to take the registry alias ``champion``.
+    """
+
+    tile: Annotated[int, Field(ge=16, le=4096)] = 512
+    overlap: Annotated[float, Field(ge=0.0, le=0.9)] = 0.25
     blend: Literal["gaussian", "uniform"] = "gaussian"
-    batch_size: PositiveInt = 4
+    batch_size: Annotated[int, Field(ge=1, le=256)] = 8
     flip_tta: bool = False
+    jit_compile: bool = True
+    curve_points: Annotated[int, Field(ge=10, le=10000)] = 200
+    champion_metric: Literal["f1", "iou", "auc_roc", "auc_pr"] = "f1"
+
+
+def _like(section: type[Section], field: str):
+    """The type of ``section.field`` with its bounds, so a searched value obeys the field's rules."""
+    info = section.model_fields[field]
+    return Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
+
+
+def _choices(item_type):
+    """A non-empty list of distinct values, each of ``item_type``."""
+
+    def distinct(values: tuple) -> tuple:
+        if len(set(values)) != len(values):
+            raise ValueError("choices must be distinct")
+        return values
+
+    return Annotated[tuple[item_type, ...], Field(min_length=1), AfterValidator(distinct)]
+
+
+class SearchRange(Section):
+    """A range of values searched by ``tune``; subclasses give ``low``/``high`` their types."""
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.low > self.high:
+            raise ValueError("low must not exceed high")
+        return self
+
+
+class EpochRange(SearchRange):
+    """Epochs per trial, ``low``..``high`` inclusive."""
+
+    low: _like(TrainConfig, "epochs")
+    high: _like(TrainConfig, "epochs")
+    log: bool = False
+
+
+class LearningRateRange(SearchRange):
+    """Adam's learning rate in [low, high]; log scale by default (rates span decades)."""
+
+    low: _like(TrainConfig, "learning_rate")
+    high: _like(TrainConfig, "learning_rate")
+    log: bool = True
 
 
 class SearchSpace(Section):
-    epochs: tuple[int, int] = (1, 3)
-    batch_size: tuple[int, ...] = (16, 32, 64)
-    learning_rate: tuple[float, float] = (1e-4, 1e-2)
-    depth: tuple[int, ...] | None = None
-    base_filters: tuple[int, ...] | None = None
-    loss: tuple[str, ...] | None = None
+    """What ``tune`` searches: each entry a range or a list of choices (null: not searched).
+
+    ``TARGETS`` maps each entry to the dotted key a trial overrides (the same keys appear in the
+    hyperparameter table and in ``reports/best_params.yaml``). Values obey the target key's own
+    bounds. Augmentation is not searched: it is the upstream ``augment`` stage's offline output.
+    """
+
+    TARGETS: ClassVar[dict[str, str]] = {
+        "epochs": "train.epochs",
+        "batch_size": "train.batch_size",
+        "learning_rate": "train.learning_rate",
+        "depth": "model.depth",
+        "base_filters": "model.base_filters",
+        "loss": "train.loss",
+    }
+
+    epochs: EpochRange | None = EpochRange(low=1, high=3)
+    batch_size: _choices(_like(TrainConfig, "batch_size")) | None = (16, 32, 64)
+    learning_rate: LearningRateRange | None = LearningRateRange(low=1e-4, high=1e-2)
+    depth: _choices(_like(ModelConfig, "depth")) | None = None
+    base_filters: _choices(_like(ModelConfig, "base_filters")) | None = None
+    loss: _choices(_like(TrainConfig, "loss")) | None = None
+
+    def dimensions(self) -> dict:
+        """The searched entries as ``{dotted key: range or choices}``, in declaration order."""
+        return {target: getattr(self, name) for name, target in self.TARGETS.items()
+                if getattr(self, name) is not None}
+
+
+class PrunerConfig(Section):
+    """Optuna's median pruner: stop a trial whose epoch-``k`` val metric is worse than the
+    median of earlier trials at epoch ``k`` (never in the first ``startup_trials`` trials or
+    before epoch ``warmup_epochs``). ``kind: none`` runs every trial to the end."""
+
+    kind: Literal["median", "none"] = "median"
+    startup_trials: Annotated[int, Field(ge=0, le=10000)] = 2
+    warmup_epochs: Annotated[int, Field(ge=0, le=10000)] = 0
 
 
 class TuneConfig(Section):
-    n_trials: PositiveInt = 8
+    """The Optuna study (``unetops tune``): ``n_trials`` finished trials in total, over restarts
+    and parallel workers. ``storage`` null is ``sqlite:///data/optuna.db``; any SQLAlchemy URL
+    (``postgresql+psycopg2://user@host/db``) lets workers on many hosts share one study.
+    ``heartbeat_seconds``: a trial whose worker stops beating for twice this long (killed) is
+    marked failed and replaced; null switches heartbeats off. TPE samples at random for the
+    first ``sampler_startup_trials`` trials, seeded by ``seed``. The study's name in the storage
+    is ``study_name`` plus a fingerprint of every param a trial depends on, so changed params
+    start a fresh study and an unchanged rerun continues the old one.
+    """
+
+    n_trials: Annotated[int, Field(ge=1, le=100000)] = 8
     seed: int = 0
-    study_name: str = "unetops"
-    storage: str | None = None
-    pruner: Literal["median", "none"] = "median"
+    sampler_startup_trials: Annotated[int, Field(ge=0, le=10000)] = 4
+    study_name: Annotated[str, Field(min_length=1, max_length=512)] = "unetops"
+    storage: Annotated[str, Field(min_length=1)] | None = None
+    heartbeat_seconds: Annotated[int, Field(ge=1, le=86400)] | None = 60
+    pruner: PrunerConfig = PrunerConfig()
     search: SearchSpace = SearchSpace()
 
 
 class MlflowConfig(Section):
-    experiment: str = "unetops"
-    register_model: str | None = "unetops"
+    """Where ``train`` logs: the experiment, and the registered model name (null: no registry)."""
+
+    experiment: Annotated[str, Field(min_length=1, max_length=200)] = "unetops"
+    register_model: Annotated[str, Field(min_length=1, max_length=200)] | None = "unetops"
 
 
 # --- the whole file ---------------------------------------------------------------------------

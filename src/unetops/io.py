@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import tempfile
+import zipfile
 import zlib
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
@@ -162,10 +163,17 @@ def write_png(path: Path, image: np.ndarray) -> None:
 
 
 def save_arrays(path: Path, **arrays: np.ndarray) -> None:
-    """Save named arrays as one compressed ``.npz`` (lossless), atomically."""
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as fh:
-            np.savez_compressed(fh, **arrays)
+    """Save named arrays as one ``.npz`` (lossless, deflate level 1), atomically and byte-reproducibly.
+
+    ``np.savez_compressed`` stamps the current time into the zip, so identical arrays would give
+    files with different DVC hashes; fixed timestamps make the same arrays the same bytes.
+    """
+    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w") as archive:
+        for name, array in arrays.items():
+            buffer = io.BytesIO()
+            np.lib.format.write_array(buffer, np.asanyarray(array), allow_pickle=False)
+            archive.writestr(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)),
+                             buffer.getvalue(), compress_type=zipfile.ZIP_DEFLATED, compresslevel=1)
 
 
 def load_arrays(path: Path) -> dict[str, np.ndarray]:
