@@ -8,6 +8,8 @@ import yaml
 
 from unetops.config import Config, load_config
 
+pytest_plugins = ["tests.postgres"]
+
 REPO = Path(__file__).resolve().parents[1]
 MIRROR = Path(os.environ.get("UNETOPS_MIRROR", REPO.parent / "shared" / "datasets")).resolve()
 

@@ -429,6 +429,8 @@ class Paths:
         self.hyperparameters_md = self.reports / "hyperparameters.md"
         self.hyperparameters_csv = self.reports / "hyperparameters.csv"
         self.best_params = self.reports / "best_params.yaml"
+        self.hyperparameters_history = self.reports / "hyperparameters_history.png"
+        self.hyperparameters_importance = self.reports / "hyperparameters_importance.png"
         self.mlflow_db = self.root / "mlflow.db"
 
     def rel(self, path: Path) -> str:
