@@ -74,5 +74,30 @@ def tune(params: Path = ParamsOption) -> None:
     run_stage("tune", params)
 
 
+@app.command()
+def predict(
+    images: list[Path] = typer.Argument(..., help="Image files and/or folders of images."),
+    out: Path = typer.Option(..., "--out", "-o",
+                             help="Folder for <stem>_prob.png and <stem>_mask.png."),
+    model: str | None = typer.Option(None, "--model", "-m",
+                              help="A .keras file (default models/model.keras) or an MLflow URI "
+                                   "such as models:/unetops@champion or runs:/<id>/model."),
+    threshold: float = typer.Option(0.5, "--threshold", "-t", help="Mask: probability >= this."),
+    fov: str = typer.Option("auto", "--fov", help="auto (estimate for fundus datasets), "
+                                                  "estimate, or none (whole image)."),
+    params: Path = ParamsOption,
+) -> None:
+    """Apply a trained model to new images: 16-bit probability and mask PNGs at original size."""
+    try:
+        from unetops.predict import FovMode, predict_images
+
+        if fov not in FovMode.__members__:
+            raise UnetopsError(f"--fov: {fov!r} is not one of auto, estimate, none")
+        predict_images(load_config(params), images, out, model_ref=model, threshold=threshold,
+                       fov=FovMode(fov))
+    except UnetopsError as exc:
+        raise fail(exc) from None
+
+
 def main() -> None:
     app()

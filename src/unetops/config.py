@@ -274,7 +274,9 @@ class EvaluateConfig(Section):
     (:func:`unetops.tiling.fit_tile`). ``overlap`` is the fraction of a tile shared with its
     neighbour; ``blend`` weighs overlaps with nnU-Net's Gaussian or uniformly; ``batch_size``
     caps tiles per forward pass; ``flip_tta`` averages the four mirror images (4× the time);
-    ``jit_compile`` runs the forward pass through XLA. ``curve_points`` is the ROC/PR plot's
+    ``jit_compile`` runs the forward pass through XLA (``auto``: only when TensorFlow's oneDNN
+    kernels are off, ``TF_ENABLE_ONEDNN_OPTS=0``; with them on, plain TF is faster on CPU, see
+    ``benchmarks/bench_predict.py``). ``curve_points`` is the ROC/PR plot's
     resolution; ``champion_metric`` is the validation metric (pooled FOV pixels, threshold 0.5)
     a new model must beat to take the registry alias ``champion``.
     """
@@ -284,7 +286,7 @@ class EvaluateConfig(Section):
     blend: Literal["gaussian", "uniform"] = "gaussian"
     batch_size: Annotated[int, Field(ge=1, le=256)] = 8
     flip_tta: bool = False
-    jit_compile: bool = True
+    jit_compile: bool | Literal["auto"] = "auto"
     curve_points: Annotated[int, Field(ge=10, le=10000)] = 200
     champion_metric: Literal["f1", "iou", "auc_roc", "auc_pr"] = "f1"
 
@@ -426,6 +428,9 @@ class Paths:
         self.train_history = self.reports / "train_history.csv"
         self.metrics = self.reports / "metrics.json"
         self.per_image = self.reports / "per_image.csv"
+        self.roc_csv = self.reports / "roc.csv"
+        self.pr_csv = self.reports / "pr.csv"
+        self.overlays = self.reports / "overlays"
         self.hyperparameters_md = self.reports / "hyperparameters.md"
         self.hyperparameters_csv = self.reports / "hyperparameters.csv"
         self.best_params = self.reports / "best_params.yaml"

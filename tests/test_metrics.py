@@ -1,0 +1,84 @@
+"""Every metric against scikit-learn's definition, on random maps and masks."""
+
+import numpy as np
+import pytest
+from sklearn import metrics as skm
+
+from unetops.metrics import (average_precision, best_f1_threshold, confusion_counts, counts_metrics,
+                             curve_points, pixel_metrics, ranking_curve, roc_auc)
+
+
+@pytest.fixture(params=[0, 1, 2])
+def scores_truth(request):
+    rng = np.random.default_rng(request.param)
+    truth = rng.random(3000) < 0.2
+    scores = np.clip(truth * 0.3 + rng.random(3000) * 0.8, 0, 1)
+    scores = np.round(scores, 2 + request.param)  # many ties for seed 0
+    return scores.astype(np.float32), truth
+
+
+def test_ranking_metrics_equal_sklearn(scores_truth):
+    scores, truth = scores_truth
+    curve = ranking_curve(scores, truth)
+    assert roc_auc(curve) == pytest.approx(skm.roc_auc_score(truth, scores), abs=1e-9)
+    assert average_precision(curve) == pytest.approx(
+        skm.average_precision_score(truth, scores), abs=1e-9)
+
+
+@pytest.mark.parametrize("threshold", [0.1, 0.5, 0.77])
+def test_confusion_metrics_equal_sklearn(scores_truth, threshold):
+    scores, truth = scores_truth
+    predicted = scores >= threshold
+    got = counts_metrics(confusion_counts(predicted, truth))
+    tn, fp, fn, tp = skm.confusion_matrix(truth, predicted, labels=[False, True]).ravel()
+    expected = {
+        "f1": skm.f1_score(truth, predicted),
+        "iou": skm.jaccard_score(truth, predicted),
+        "precision": skm.precision_score(truth, predicted, zero_division=0),
+        "recall": skm.recall_score(truth, predicted),
+        "specificity": skm.recall_score(~truth, ~predicted),
+        "accuracy": skm.accuracy_score(truth, predicted),
+    }
+    for name, value in expected.items():
+        assert got[name] == pytest.approx(value, abs=1e-9), name
+    counts = confusion_counts(predicted, truth)
+    assert (counts.tp, counts.fp, counts.fn, counts.tn) == (tp, fp, fn, tn)
+
+
+def test_pixel_metrics_binarise_at_the_threshold_inclusive():
+    scores = np.array([0.2, 0.5, 0.5, 0.9])
+    truth = np.array([0, 1, 0, 1], bool)
+    metrics, counts = pixel_metrics(scores, truth, 0.5)
+    assert (counts.tp, counts.fp, counts.fn, counts.tn) == (2, 1, 0, 1)
+    assert metrics["precision"] == pytest.approx(2 / 3)
+
+
+def test_best_f1_threshold_is_the_f1_maximum_over_all_thresholds(scores_truth):
+    scores, truth = scores_truth
+    threshold, f1 = best_f1_threshold(ranking_curve(scores, truth))
+    assert f1 == pytest.approx(skm.f1_score(truth, scores >= threshold), abs=1e-9)
+    predicted = scores[None, :] >= np.unique(scores)[:, None]  # every threshold at once
+    tp = (predicted & truth).sum(axis=1)
+    brute = np.max(2 * tp / (predicted.sum(axis=1) + truth.sum()))
+    assert f1 == pytest.approx(brute, abs=1e-9)
+
+
+def test_zero_denominators_and_single_class():
+    truth = np.zeros(10, bool)
+    scores = np.linspace(0, 0.4, 10)
+    metrics, _ = pixel_metrics(scores, truth, 0.5)
+    assert np.isnan(metrics["auc_roc"]) and np.isnan(metrics["auc_pr"])
+    assert metrics["precision"] == 0.0 and metrics["f1"] == 0.0 and metrics["specificity"] == 1.0
+    assert best_f1_threshold(ranking_curve(scores, truth)) == (0.5, 0.0)
+
+
+def test_curve_points_are_few_and_lie_on_sklearns_curves(scores_truth):
+    scores, truth = scores_truth
+    points = curve_points(ranking_curve(scores, truth), max_points=50)
+    assert 2 <= points["fpr"].size <= 52
+    fpr, tpr, thresholds = skm.roc_curve(truth, scores, drop_intermediate=False)
+    lookup = {float(t): (f, r) for f, r, t in zip(fpr, tpr, thresholds, strict=True)}
+    for t, f, r in zip(points["threshold"], points["fpr"], points["tpr"], strict=True):
+        assert lookup[float(t)] == pytest.approx((f, r), abs=1e-12)
+    assert points["tpr"][-1] == 1.0 and points["fpr"][-1] == 1.0
+    assert np.all(np.diff(points["fpr"]) >= 0)
