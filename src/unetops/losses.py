@@ -1,0 +1,106 @@
+"""Segmentation losses (and the F1 training metric) for a sigmoid output ``(batch, H, W, 1)`` against a 0/1 mask of that shape.
+
+Pixelwise losses return ``(batch, H, W)`` so Keras can multiply a per-pixel ``sample_weight``
+(the U-Net weight map from ``augment``) before its mean; region losses (Dice) return one value
+per sample. Plain functions built from ``keras.ops``: backend-agnostic, and never saved into
+``models/model.keras`` (the exported model is uncompiled).
+"""
+
+from collections.abc import Callable
+
+import keras
+from keras import ops
+
+from unetops.errors import UnetopsError
+
+EPSILON = 1e-7
+DICE_SMOOTH = 1.0
+"""Added to numerator and denominator of the soft Dice: an empty mask predicted empty scores 0."""
+
+
+def _pixel_bce(y_true, y_pred, pos_weight: float = 1.0):
+    y_true = ops.cast(y_true, y_pred.dtype)
+    y_pred = ops.clip(y_pred, EPSILON, 1.0 - EPSILON)
+    loss = -(pos_weight * y_true * ops.log(y_pred) + (1.0 - y_true) * ops.log(1.0 - y_pred))
+    return ops.squeeze(loss, axis=-1)
+
+
+def bce(y_true, y_pred):
+    """Binary cross entropy per pixel (seeds 000, 003, 004); with a weight map as sample weight
+    it is the U-Net paper's weight-map cross entropy."""
+    return _pixel_bce(y_true, y_pred)
+
+
+def weighted_bce(pos_weight: float) -> Callable:
+    """Class-weighted BCE: vessel pixels count ``pos_weight`` times (the cure for all-black maps)."""
+
+    def weighted_bce(y_true, y_pred):
+        return _pixel_bce(y_true, y_pred, pos_weight)
+
+    return weighted_bce
+
+
+def soft_dice(y_true, y_pred):
+    """1 − soft Dice per sample: 0 for a perfect prediction, → 1 for disjoint masks."""
+    y_true = ops.cast(y_true, y_pred.dtype)
+    axes = tuple(range(1, len(y_pred.shape)))
+    overlap = ops.sum(y_true * y_pred, axis=axes)
+    total = ops.sum(y_true, axis=axes) + ops.sum(y_pred, axis=axes)
+    return 1.0 - (2.0 * overlap + DICE_SMOOTH) / (total + DICE_SMOOTH)
+
+
+def bce_dice(y_true, y_pred):
+    """BCE (mean per sample) + soft Dice: BCE's stable gradients, Dice's indifference to imbalance."""
+    return ops.mean(_pixel_bce(y_true, y_pred), axis=(1, 2)) + soft_dice(y_true, y_pred)
+
+
+def make_loss(name: str, pos_weight: float = 1.0) -> Callable:
+    """The loss called ``name`` in ``train.loss``; ``weight_map`` is BCE fed per-pixel weights."""
+    if name in ("bce", "weight_map"):
+        return bce
+    if name == "weighted_bce":
+        return weighted_bce(pos_weight)
+    if name == "dice":
+        return soft_dice
+    if name == "bce_dice":
+        return bce_dice
+    raise UnetopsError(f"train.loss: unknown loss {name!r}")
+
+
+class F1Score(keras.metrics.Metric):
+    """F1 (= Dice) of the map thresholded at ``threshold``, pixels pooled over the epoch.
+
+    Keras' own ``F1Score`` wants (batch, classes) inputs; this one takes segmentation maps and
+    a per-pixel ``sample_weight`` of shape (batch, H, W).
+    """
+
+    def __init__(self, threshold: float = 0.5, name: str = "f1", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.threshold = threshold
+        self.true_positives = self.add_variable((), initializer="zeros", name="true_positives")
+        self.false_positives = self.add_variable((), initializer="zeros", name="false_positives")
+        self.false_negatives = self.add_variable((), initializer="zeros", name="false_negatives")
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        truth = ops.cast(ops.greater(y_true, 0.5), "float32")
+        predicted = ops.cast(ops.greater_equal(y_pred, self.threshold), "float32")
+        weight = 1.0
+        if sample_weight is not None:
+            weight = ops.cast(sample_weight, "float32")
+            while len(weight.shape) < len(truth.shape):
+                weight = ops.expand_dims(weight, -1)
+        self.true_positives.assign_add(ops.sum(weight * truth * predicted))
+        self.false_positives.assign_add(ops.sum(weight * (1.0 - truth) * predicted))
+        self.false_negatives.assign_add(ops.sum(weight * truth * (1.0 - predicted)))
+
+    def result(self):
+        return ops.divide_no_nan(
+            2.0 * self.true_positives,
+            2.0 * self.true_positives + self.false_positives + self.false_negatives)
+
+    def reset_state(self):
+        for variable in self.variables:
+            variable.assign(ops.zeros_like(variable))
+
+    def get_config(self):
+        return super().get_config() | {"threshold": self.threshold}

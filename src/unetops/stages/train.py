@@ -1,0 +1,616 @@
+"""Stage ``train``: a U-Net trained on random patches, resumable, tracked as one MLflow run.
+
+Reads ``data/split.csv``, the augmented training copies ``data/augmented/<case>_<k>.npz`` and the
+preprocessed validation cases ``data/preprocessed/<case>.npz``. Every epoch draws fresh patches
+from a generator seeded by ``(train.seed, epoch, step)``, through a prefetching ``tf.data``
+pipeline (the next batch is sampled while the current one trains); the validation metric (``train.monitor``) is computed on one fixed, seeded
+set of validation patches, and the best epoch's weights become ``models/model.keras`` (uncompiled,
+built-in layers only). Seeds plus TensorFlow op determinism make the same params give the same
+weights on CPU.
+
+A killed run resumes: Keras ``BackupAndRestore`` keeps weights and optimizer in
+``models/checkpoints/backup`` and this module keeps the history, the best weights and the MLflow
+run id beside it, so the next ``unetops train`` with the same params and data continues at the
+epoch that was interrupted, in the same MLflow run. Epochs are numbered from 1 in every output
+(history CSV, summary JSON, MLflow steps).
+"""
+
+import dataclasses
+import hashlib
+import json
+import re
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import keras
+import mlflow
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+import yaml
+from mlflow.exceptions import MlflowException
+
+from unetops import tracking
+from unetops.config import Config, TrainConfig
+from unetops.console import log
+from unetops.errors import UnetopsError
+from unetops.io import atomic_path, load_arrays, save_arrays, write_csv, write_json
+from unetops.losses import F1Score, make_loss
+from unetops.model import build_unet, input_multiple, output_margin, valid_input_size
+from unetops.patches import PatchSampler
+
+MAXIMISED = {"val_iou", "val_f1", "val_auc"}
+LOGGED_SECTIONS = ("data", "split", "preprocess", "augment", "model", "train", "mlflow")
+"""What shaped the model; ``evaluate`` and ``tune`` params are theirs to log."""
+TRAIN_STREAM, VAL_STREAM = 1, 2
+OVERLAY_PATCHES = 8
+STEPS_PER_EXECUTION = 8
+"""Training steps per ``tf.function`` call: fewer Python round trips, which on a busy 2-core CPU
+kept throughput up (benchmarks/bench_train.py); every callback here works per epoch."""
+
+
+@dataclasses.dataclass
+class FitResult:
+    """What one training run produced.
+
+    ``model``: compiled, with the best epoch's weights; ``history``: per-epoch Keras logs (loss,
+    iou, f1, val_loss, val_iou, val_f1, learning_rate, seconds, patches_per_second), epochs
+    before an interruption included; ``best_epoch`` counts from 1 and ``best`` holds its
+    ``val_*`` values; ``seconds``: summed epoch times (training + validation);
+    ``patches_per_second``: steady-state training throughput (first epoch excluded).
+    """
+
+    model: keras.Model
+    history: dict[str, list[float]]
+    best_epoch: int
+    best: dict[str, float]
+    run_id: str
+    seconds: float
+    patches_per_second: float
+
+
+@dataclasses.dataclass
+class TrainingData:
+    sampler: PatchSampler
+    val_x: np.ndarray
+    val_y: np.ndarray
+    data_hash: str
+    train_files: int
+    val_cases: int
+
+
+# --- data ---------------------------------------------------------------------------------------
+
+def check_patch_size(cfg: Config) -> None:
+    """``train.patch_size`` must fit the network's poolings (a one-line error naming the fix)."""
+    size, model = cfg.train.patch_size, cfg.model
+    if model.padding == "same" and size % input_multiple(model):
+        raise UnetopsError(f"train.patch_size: {size} is not a multiple of 2**model.depth = "
+                           f"{input_multiple(model)} (padding same)")
+    if model.padding == "valid" and valid_input_size(model, size) != size:
+        raise UnetopsError(f"train.patch_size: {size} does not pool evenly with model.padding valid "
+                           f"at depth {model.depth}; the next size that does is "
+                           f"{valid_input_size(model, size)}")
+
+
+def _read_split(path: Path) -> pd.DataFrame:
+    if not path.is_file():
+        raise UnetopsError(f"{path}: file not found (run unetops split first)")
+    try:
+        split = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise UnetopsError(f"{path}: not a readable CSV ({exc.__class__.__name__})") from None
+    missing = {"case", "subset"} - set(split.columns)
+    if missing:
+        raise UnetopsError(f"{path}: missing column(s) {', '.join(sorted(missing))}")
+    return split
+
+
+def _load_case(path: Path, need_weight: bool, channels: int | None) -> dict[str, np.ndarray]:
+    arrays = load_arrays(path)
+    for key in ("image", "mask", "fov") + (("weight",) if need_weight else ()):
+        if key not in arrays:
+            hint = " (train.loss weight_map needs augment.weight_map: true)" if key == "weight" else ""
+            raise UnetopsError(f"{path}: no {key!r} array{hint}")
+    image = arrays["image"]
+    if image.ndim not in (2, 3):
+        raise UnetopsError(f"{path}: image must be (H, W) or (H, W, C), got {image.shape}")
+    arrays["image"] = image = image.reshape(*image.shape[:2], -1)
+    for key in ("mask", "fov") + (("weight",) if need_weight else ()):
+        if arrays[key].shape != image.shape[:2]:
+            raise UnetopsError(f"{path}: {key} is {arrays[key].shape}, image {image.shape[:2]}")
+    if channels is not None and image.shape[2] != channels:
+        raise UnetopsError(f"{path}: image has {image.shape[2]} channels, other cases {channels}")
+    return arrays
+
+
+def _case_files(folder: Path, case: str) -> list[Path]:
+    pattern = re.compile(rf"{re.escape(case)}_\d{{3,}}\.npz")
+    return sorted(p for p in folder.glob(f"{case}_*.npz") if pattern.fullmatch(p.name))
+
+
+def load_training_data(cfg: Config) -> TrainingData:
+    """The training patch sampler and the fixed validation patches, from the files on disk."""
+    split = _read_split(cfg.paths.split_csv)
+    train_cases = sorted(split.loc[split["subset"] == "train", "case"])
+    val_cases = sorted(split.loc[split["subset"] == "val", "case"])
+    if not train_cases:
+        raise UnetopsError(f"{cfg.paths.split_csv}: no train cases")
+    if not val_cases:
+        raise UnetopsError(f"{cfg.paths.split_csv}: no val cases (train picks its best epoch on "
+                           "them; set split.val_fraction above 0)")
+    digest = hashlib.sha256(cfg.paths.split_csv.read_bytes())
+    need_weight = cfg.train.loss == "weight_map"
+
+    train_paths = []
+    for case in train_cases:
+        files = _case_files(cfg.paths.augmented, case)
+        if not files:
+            raise UnetopsError(f"{cfg.paths.augmented}: no {case}_NNN.npz for train case {case} "
+                               "(run unetops augment)")
+        train_paths += files
+    val_paths = [cfg.paths.preprocessed / f"{case}.npz" for case in val_cases]
+    for path in val_paths:
+        if not path.is_file():
+            raise UnetopsError(f"{path}: file not found (run unetops preprocess)")
+
+    def load(paths: Sequence[Path], weight: bool) -> dict[str, list[np.ndarray]]:
+        cases = {"image": [], "mask": [], "fov": [], "weight": []}
+        channels = None
+        for path in paths:
+            arrays = _load_case(path, weight, channels)
+            channels = arrays["image"].shape[2]
+            for key, arrays_of_key in cases.items():
+                if key in arrays:
+                    arrays_of_key.append(arrays[key])
+            digest.update(f"{path.parent.name}/{path.name}:{path.stat().st_size}\n".encode())
+        return cases
+
+    train = load(train_paths, need_weight)
+    sampler = PatchSampler(train["image"], train["mask"], train["fov"], cfg.train.patch_size,
+                           train["weight"] if need_weight else None)
+    del train
+    val = load(val_paths, False)
+    if val["image"][0].shape[2] != sampler.channels:
+        raise UnetopsError(f"{val_paths[0]}: {val['image'][0].shape[2]} channels, training "
+                           f"copies {sampler.channels}")
+    val_x, val_y = PatchSampler(val["image"], val["mask"], val["fov"], cfg.train.patch_size).sample(
+        cfg.train.val_patches, np.random.default_rng([cfg.train.seed, VAL_STREAM]))
+    margin = output_margin(cfg.model)
+    return TrainingData(sampler, val_x, _crop(val_y, margin), digest.hexdigest(), len(train_paths),
+                        len(val_paths))
+
+
+def _crop(array: np.ndarray, margin: int) -> np.ndarray:
+    """The centred output window of a ``valid`` network (axes 1 and 2)."""
+    return array[:, margin:array.shape[1] - margin, margin:array.shape[2] - margin] if margin else array
+
+
+class EpochCounter(keras.callbacks.Callback):
+    """Tells the patch pipeline which epoch it serves, so a resumed run draws the same patches."""
+
+    value = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.value = epoch
+
+
+def training_dataset(sampler: PatchSampler, train: TrainConfig, steps: int, margin: int,
+                     epoch: EpochCounter) -> tf.data.Dataset:
+    """One epoch of batches; batch ``step`` of epoch ``e`` is drawn from rng ``(seed, e, step)``.
+
+    Keras re-iterates a finite dataset every epoch after ``on_epoch_begin``, so each epoch gets
+    fresh patches. Sampling runs in tf.data's prefetch thread, in parallel with the training step
+    it feeds. It is not spread over several threads: TensorFlow's op determinism runs a stateful
+    (numpy) map serially anyway, and at >100,000 patches/s on one core it is a few hundred times
+    faster than the training step (benchmarks/bench_train.py).
+    """
+    def draw(step):
+        rng = np.random.default_rng([train.seed, TRAIN_STREAM, epoch.value, int(step)])
+        arrays = sampler.sample(train.batch_size, rng, train.vessel_fraction)
+        return (arrays[0],) + tuple(_crop(a, margin) for a in arrays[1:])
+
+    out = train.patch_size - 2 * margin
+    shapes = [(train.batch_size, train.patch_size, train.patch_size, sampler.channels),
+              (train.batch_size, out, out, 1), (train.batch_size, out, out)]
+    shapes = shapes[:3 if sampler.has_weights else 2]
+
+    def batch(step):
+        arrays = tf.numpy_function(draw, [step], [tf.float32] * len(shapes), stateful=True)
+        return tuple(tf.ensure_shape(a, s) for a, s in zip(arrays, shapes))
+
+    return tf.data.Dataset.range(steps).map(batch).prefetch(tf.data.AUTOTUNE)
+
+
+# --- model ----------------------------------------------------------------------------------------
+
+class CyclicLearningRate(keras.optimizers.schedules.LearningRateSchedule):
+    """Smith's cyclical learning rate (2017), ``triangular`` or ``exp_range`` as in seed 002."""
+
+    def __init__(self, low: float, high: float, half_period: int, mode: str, gamma: float = 1.0):
+        self.low, self.high, self.half_period, self.mode, self.gamma = (
+            low, high, half_period, mode, gamma)
+
+    def __call__(self, step):
+        step = keras.ops.cast(step, "float32")
+        cycle = keras.ops.floor(1.0 + step / (2.0 * self.half_period))
+        ramp = keras.ops.maximum(0.0, 1.0 - keras.ops.abs(step / self.half_period - 2.0 * cycle + 1.0))
+        scale = self.gamma ** step if self.mode == "exp_range" else 1.0
+        return self.low + (self.high - self.low) * ramp * scale
+
+    def get_config(self):
+        return {"low": self.low, "high": self.high, "half_period": self.half_period,
+                "mode": self.mode, "gamma": self.gamma}
+
+
+def learning_rate(train: TrainConfig, steps_per_epoch: int):
+    """Adam's learning rate: a constant, cosine decay to ``lr_min``, or a cyclic schedule."""
+    if train.lr_schedule == "constant":
+        return train.learning_rate
+    if train.lr_schedule == "cosine":
+        return keras.optimizers.schedules.CosineDecay(
+            train.learning_rate, decay_steps=train.epochs * steps_per_epoch,
+            alpha=train.lr_min / train.learning_rate)
+    return CyclicLearningRate(train.lr_min, train.learning_rate, train.cycle_steps,
+                              train.lr_schedule, train.cycle_gamma)
+
+
+def compile_model(cfg: Config, channels: int, steps_per_epoch: int, pos_weight: float) -> keras.Model:
+    model = build_unet(channels, cfg.model)
+    metrics = [keras.metrics.BinaryIoU(target_class_ids=[1], threshold=0.5, name="iou"),
+               F1Score(name="f1")]
+    if cfg.train.monitor == "val_auc":
+        metrics.append(keras.metrics.AUC(name="auc"))
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate(cfg.train, steps_per_epoch)),
+                  loss=make_loss(cfg.train.loss, pos_weight), metrics=metrics,
+                  steps_per_execution=min(STEPS_PER_EXECUTION, steps_per_epoch))
+    return model
+
+
+def inference_model(model: keras.Model) -> keras.Model:
+    """The same layers and weights, uncompiled: loads anywhere without custom objects."""
+    return keras.Model(model.inputs, model.outputs, name=model.name)
+
+
+# --- resumable state ------------------------------------------------------------------------------
+
+def _fingerprint(cfg: Config, data_hash: str) -> str:
+    """Identifies what a checkpoint was trained on; a different one is never resumed."""
+    blob = json.dumps({"model": cfg.model.model_dump(mode="json"),
+                       "train": cfg.train.model_dump(mode="json"), "data": data_hash},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+@dataclasses.dataclass
+class _State:
+    fingerprint: str
+    run_id: str | None = None
+    history: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+    best_epoch: int | None = None  # 1-based
+    best_value: float | None = None
+
+
+class EpochTracker(keras.callbacks.Callback):
+    """History across resumes, the best epoch by ``monitor`` (weights kept), per-epoch timing.
+
+    Adds ``learning_rate``, ``seconds`` and ``patches_per_second`` (training phase only) to the
+    epoch logs before the callbacks after it (MLflow, early stopping, pruning) see them. With a
+    ``folder`` it persists its state there after every epoch, before ``BackupAndRestore`` does.
+    """
+
+    def __init__(self, state: _State, monitor: str, patches_per_epoch: int, total_epochs: int,
+                 folder: Path | None = None, best_weights: list[np.ndarray] | None = None):
+        super().__init__()
+        self.state, self.monitor, self.folder = state, monitor, folder
+        self.patches_per_epoch, self.total_epochs = patches_per_epoch, total_epochs
+        self.best_weights = best_weights
+        self._first = True
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self._first:  # a resumed fit begins at the epoch after the last backup
+            self._first = False
+            self.state.history = {k: v[:epoch] for k, v in self.state.history.items()}
+            if self.state.best_epoch is not None and self.state.best_epoch > epoch:
+                self.state.best_epoch, self.state.best_value, self.best_weights = None, None, None
+        self._started = self._validating = time.perf_counter()
+
+    def on_test_begin(self, logs=None):
+        self._validating = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        now = time.perf_counter()
+        logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+        logs["seconds"] = now - self._started
+        trained = (self._validating if self._validating > self._started else now) - self._started
+        logs["patches_per_second"] = self.patches_per_epoch / max(trained, 1e-9)
+        for key in sorted(logs, key=_column_order):
+            self.state.history.setdefault(key, []).append(float(logs[key]))
+        value = logs.get(self.monitor, float("nan"))
+        best = self.state.best_value
+        improved = bool(np.isfinite(value)) and (
+            best is None or (value > best if self.monitor in MAXIMISED else value < best))
+        if improved:
+            self.state.best_epoch, self.state.best_value = epoch + 1, float(value)
+            self.best_weights = self.model.get_weights()
+            if self.folder is not None:
+                save_arrays(self.folder / "best.npz",
+                            **{f"w{i:04d}": w for i, w in enumerate(self.best_weights)})
+        if self.folder is not None:
+            write_json(self.folder / "state.json", dataclasses.asdict(self.state))
+        shown = " ".join(f"{k} {logs[k]:.4g}" for k in sorted(logs, key=_column_order)
+                         if k != "seconds")
+        log.info(f"epoch {epoch + 1}/{self.total_epochs}: {shown} ({logs['seconds']:.1f} s)"
+                 + (" best" if improved else ""))
+
+
+COLUMNS = ("loss", "iou", "f1", "auc", "val_loss", "val_iou", "val_f1", "val_auc",
+           "learning_rate", "seconds", "patches_per_second")
+
+
+def _column_order(key: str) -> tuple[int, str]:
+    return (COLUMNS.index(key) if key in COLUMNS else len(COLUMNS), key)
+
+
+def _load_state(folder: Path, fingerprint: str) -> tuple[_State, list[np.ndarray] | None]:
+    """The state of an interrupted run on the same params and data, else a fresh one."""
+    path = folder / "state.json"
+    if path.is_file():
+        try:
+            state = _State(**json.loads(path.read_text()))
+        except (ValueError, TypeError):
+            state = None
+        if state is not None and state.fingerprint == fingerprint:
+            weights = None
+            if (folder / "best.npz").is_file():
+                arrays = load_arrays(folder / "best.npz")
+                weights = [arrays[k] for k in sorted(arrays)]
+            log.info(f"resuming the interrupted training run {state.run_id} from {folder}")
+            return state, weights
+        log.warning(f"{folder}: checkpoints of other params or data; starting afresh")
+    shutil.rmtree(folder, ignore_errors=True)
+    return _State(fingerprint), None
+
+
+class MlflowEpochLogger(keras.callbacks.Callback):
+    """One metric point per epoch (step = epoch number from 1), synchronous so none is lost."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        mlflow.log_metrics({k: float(v) for k, v in (logs or {}).items()}, step=epoch + 1)
+
+
+# --- MLflow artifacts ----------------------------------------------------------------------------
+
+def learning_curve_figure(history: dict[str, list[float]]):
+    """Loss (left) and validation metrics (right) per epoch."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    figure = Figure(figsize=(10, 4), dpi=100, layout="constrained")
+    left, right = figure.subplots(1, 2)
+    epochs = np.arange(1, len(history.get("loss", [])) + 1)
+    for key in ("loss", "val_loss"):
+        if key in history:
+            left.plot(epochs, history[key], marker=".", label=key)
+    for key in ("iou", "f1", "auc", "val_iou", "val_f1", "val_auc"):
+        if key in history:
+            right.plot(epochs, history[key], marker=".", label=key,
+                       linestyle="-" if key.startswith("val_") else ":")
+    left.set(xlabel="epoch", ylabel="loss", title="loss")
+    right.set(xlabel="epoch", ylabel="metric", title="IoU / F1 (threshold 0.5)", ylim=(0, 1))
+    for axis in (left, right):
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axis.grid(alpha=0.3)
+        axis.legend()
+    return figure
+
+
+def overlay_grid(images: np.ndarray, truths: np.ndarray, probabilities: np.ndarray,
+                 scale: int = 4) -> np.ndarray:
+    """RGB uint8: patches on top, overlays below (green missed, red false alarm, yellow hit)."""
+    margin = (images.shape[1] - truths.shape[1]) // 2
+    images = _crop(images, margin)
+    gray = images.mean(axis=-1) if images.shape[-1] != 3 else None
+    rgb = np.repeat(gray[..., None], 3, axis=-1) if gray is not None else images
+    rgb = np.clip(rgb, 0.0, 1.0)
+    truth, predicted = truths[..., 0] > 0.5, probabilities[..., 0] >= 0.5
+    overlay = rgb * 0.5
+    overlay[truth & ~predicted] = (0.0, 1.0, 0.0)
+    overlay[~truth & predicted] = (1.0, 0.0, 0.0)
+    overlay[truth & predicted] = (1.0, 1.0, 0.0)
+    columns = [np.pad(np.concatenate([a, b]), ((0, 0), (1, 1), (0, 0)), constant_values=1.0)
+               for a, b in zip(rgb, overlay)]
+    grid = np.repeat(np.repeat(np.concatenate(columns, axis=1), scale, axis=0), scale, axis=1)
+    return (grid * 255).round().astype(np.uint8)
+
+
+def _pip_requirements() -> list[str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    pins = [f"keras=={keras.__version__}"]
+    for dist in ("tensorflow-cpu", "tensorflow"):
+        try:
+            pins.append(f"{dist}=={version(dist)}")
+            break
+        except PackageNotFoundError:
+            continue
+    return pins
+
+
+def _log_artifacts(cfg: Config, model: keras.Model, history: dict, data: TrainingData) -> None:
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    channels = data.sampler.channels
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1, -1, channels), "image")]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1, -1, 1), "mask")]))
+    mlflow.keras.log_model(inference_model(model), name="model", signature=signature,
+                           pip_requirements=_pip_requirements(),
+                           registered_model_name=cfg.mlflow.register_model)
+    mlflow.log_figure(learning_curve_figure(history), "plots/learning_curve.png")
+    sample_x = data.val_x[:OVERLAY_PATCHES]
+    probabilities = keras.ops.convert_to_numpy(model(sample_x, training=False))
+    mlflow.log_image(overlay_grid(sample_x, data.val_y[:OVERLAY_PATCHES], probabilities),
+                     artifact_file="plots/sample_overlay.png")
+
+
+# --- the stage ------------------------------------------------------------------------------------
+
+def _open_run(state: _State, nested: bool) -> tuple[mlflow.ActiveRun, bool]:
+    """Re-open the interrupted run when there is one (True: it is new)."""
+    if state.run_id:
+        try:
+            return mlflow.start_run(run_id=state.run_id, nested=nested), False
+        except MlflowException as exc:
+            log.warning(f"cannot re-open MLflow run {state.run_id} ({exc.message.splitlines()[0]}); "
+                        "logging to a new run")
+    return mlflow.start_run(nested=nested), True
+
+
+def _pos_weight(train: TrainConfig, sampler: PatchSampler) -> float:
+    """``train.pos_weight``, or the background/vessel ratio of the training FOVs."""
+    if train.pos_weight is not None:
+        return train.pos_weight
+    vessel = max(sampler.foreground_fraction(), 1e-6)
+    return (1.0 - vessel) / vessel
+
+
+def _optional_callbacks(train: TrainConfig, folder: Path | None) -> list[keras.callbacks.Callback]:
+    mode = "max" if train.monitor in MAXIMISED else "min"
+    callbacks = []
+    if train.early_stopping_patience:
+        callbacks.append(keras.callbacks.EarlyStopping(train.monitor, mode=mode,
+                                                       patience=train.early_stopping_patience))
+    if train.reduce_lr_patience:
+        callbacks.append(keras.callbacks.ReduceLROnPlateau(
+            train.monitor, mode=mode, factor=train.reduce_lr_factor,
+            patience=train.reduce_lr_patience, min_lr=train.lr_min))
+    if folder is not None:
+        callbacks.append(keras.callbacks.BackupAndRestore(str(folder / "backup"),
+                                                          double_checkpoint=True))
+    return callbacks
+
+
+def _log_run_start(cfg: Config, data: TrainingData, state: _State, derived: dict) -> None:
+    tags = {"dataset": cfg.data.dataset, "data_hash": data.data_hash, "dvc_stage": "train"}
+    if commit := tracking.git_commit(cfg.paths.root):
+        tags["git_commit"] = tags["mlflow.source.git.commit"] = commit
+    mlflow.set_tags(tags)
+    tracking.log_params(tracking.flat_params(cfg, LOGGED_SECTIONS)
+                        | {f"derived.{k}": str(v) for k, v in derived.items()})
+    for step, row in enumerate(zip(*state.history.values()), start=1):  # a run re-created
+        mlflow.log_metrics(dict(zip(state.history, row)), step=step)
+
+
+def fit(cfg: Config, *, extra_callbacks: Sequence[keras.callbacks.Callback] = (),
+        nested: bool = False, resume: bool = True, save: bool = True) -> FitResult:
+    """Train as ``cfg`` says, inside its own MLflow run (nested under an active one if ``nested``).
+
+    ``resume``: keep and reuse ``cfg.paths.checkpoints`` (a killed run continues); ``save``: log
+    the model, learning curve and sample overlay to the run. Tuning trials pass
+    ``nested=True, resume=False, save=False`` and a pruning callback in ``extra_callbacks``
+    (they run after the MLflow logger, so a pruned trial keeps its last epoch's metrics).
+    """
+    check_patch_size(cfg)
+    tracking.setup(cfg)
+    data = load_training_data(cfg)
+    train = cfg.train
+    steps = max(1, train.patches_per_epoch // train.batch_size)
+    pos_weight = _pos_weight(train, data.sampler)
+
+    keras.utils.set_random_seed(train.seed)
+    tf.config.experimental.enable_op_determinism()
+    model = compile_model(cfg, data.sampler.channels, steps, pos_weight)
+
+    folder = cfg.paths.checkpoints if resume else None
+    fingerprint = _fingerprint(cfg, data.data_hash)
+    state, best_weights = _load_state(folder, fingerprint) if resume else (_State(fingerprint), None)
+    epoch = EpochCounter()
+    tracker = EpochTracker(state, train.monitor, steps * train.batch_size, train.epochs, folder,
+                           best_weights)
+    callbacks = [epoch, tracker, MlflowEpochLogger(), *_optional_callbacks(train, folder),
+                 *extra_callbacks]
+    margin = output_margin(cfg.model)
+    dataset = training_dataset(data.sampler, train, steps, margin, epoch)
+    validation = tf.data.Dataset.from_tensor_slices((data.val_x, data.val_y)).batch(train.batch_size)
+    derived = {"steps_per_epoch": steps, "output_margin": margin, "pos_weight": f"{pos_weight:.6g}",
+               "train_files": data.train_files, "val_cases": data.val_cases,
+               "parameters": model.count_params()}
+    try:
+        run, is_new = _open_run(state, nested)
+        with run:
+            state.run_id = run.info.run_id
+            if is_new:
+                _log_run_start(cfg, data, state, derived)
+            log.info(f"training {model.count_params():,} parameters on {data.train_files} files, "
+                     f"{steps} × {train.batch_size} patches per epoch, MLflow run {state.run_id}")
+            model.fit(dataset, epochs=train.epochs, validation_data=validation,
+                      callbacks=callbacks, shuffle=False, verbose=0)
+            if tracker.best_weights is None:
+                raise UnetopsError(f"{train.monitor}: not finite in any epoch (diverged? lower "
+                                   "train.learning_rate)")
+            model.set_weights(tracker.best_weights)
+            history = state.history
+            best = {k: v[state.best_epoch - 1] for k, v in history.items() if k.startswith("val_")}
+            seconds = float(sum(history["seconds"]))
+            throughput = steady_throughput(history["patches_per_second"])
+            mlflow.log_metrics({"best_epoch": state.best_epoch, "train_seconds": seconds,
+                                "train_patches_per_second": throughput}
+                               | {f"best_{k}": v for k, v in best.items()})
+            if save:
+                _log_artifacts(cfg, model, history, data)
+    except MlflowException as exc:
+        kept = f"; training state kept in {folder}, rerun to resume" if resume else ""
+        raise UnetopsError(f"MLflow {tracking.tracking_uri(cfg)}: "
+                           f"{exc.message.strip().splitlines()[0]}{kept}") from None
+    if resume:
+        shutil.rmtree(folder, ignore_errors=True)
+    return FitResult(model, history, state.best_epoch, best, state.run_id, seconds, throughput)
+
+
+def steady_throughput(per_epoch: Sequence[float]) -> float:
+    """Training patches/s over all epochs but the first (which traces the graph), harmonic mean."""
+    rates = [r for r in (per_epoch[1:] if len(per_epoch) > 1 else per_epoch) if r > 0]
+    return len(rates) / sum(1.0 / r for r in rates) if rates else 0.0
+
+
+def apply_tuned(cfg: Config) -> Config:
+    """``cfg`` with the flat ``dotted.key: value`` mapping of ``cfg.paths.best_params`` applied."""
+    path = cfg.paths.best_params
+    if not path.is_file():
+        raise UnetopsError(f"{path}: file not found (train.use_tuned needs unetops tune first)")
+    try:
+        overrides = yaml.safe_load(path.read_text())
+    except yaml.YAMLError:
+        raise UnetopsError(f"{path}: not valid YAML") from None
+    if not isinstance(overrides, dict) or not overrides:
+        raise UnetopsError(f"{path}: expected a mapping of dotted keys to values")
+    known = tracking.flat_params(cfg)
+    for key in overrides:
+        if key not in known:
+            raise UnetopsError(f"{path}: {key}: unknown key")
+    log.info(f"train.use_tuned: applying {', '.join(f'{k}={v}' for k, v in overrides.items())}")
+    return cfg.with_overrides(overrides)
+
+
+def run(cfg: Config) -> None:
+    """``unetops train``: fit, then write the model, the MLflow run id, summary and history."""
+    if cfg.train.use_tuned:
+        cfg = apply_tuned(cfg)
+    result = fit(cfg)
+    with atomic_path(cfg.paths.model) as tmp:
+        inference_model(result.model).save(tmp)
+    tracking.write_run_id(cfg, result.run_id)
+    write_json(cfg.paths.train_summary, {
+        "best_epoch": result.best_epoch, "epochs": len(result.history.get("loss", [])),
+        "seconds": round(result.seconds, 3),
+        "patches_per_second": round(result.patches_per_second, 1)} | result.best)
+    frame = pd.DataFrame(result.history)
+    frame.insert(0, "epoch", np.arange(1, len(frame) + 1))
+    write_csv(cfg.paths.train_history, frame)
+    log.info(f"best epoch {result.best_epoch}: "
+             + ", ".join(f"{k} {v:.4f}" for k, v in result.best.items())
+             + f"; model written to {cfg.paths.rel(cfg.paths.model)}")
