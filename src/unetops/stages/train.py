@@ -36,6 +36,7 @@ from unetops import tracking
 from unetops.config import Config, TrainConfig
 from unetops.console import log
 from unetops.errors import UnetopsError
+from unetops.preprocessing import read_split
 from unetops.io import atomic_path, load_arrays, save_arrays, write_csv, write_json
 from unetops.losses import F1Score, make_loss
 from unetops.model import build_unet, input_multiple, output_margin, valid_input_size
@@ -95,19 +96,6 @@ def check_patch_size(cfg: Config) -> None:
                            f"{valid_input_size(model, size)}")
 
 
-def _read_split(path: Path) -> pd.DataFrame:
-    if not path.is_file():
-        raise UnetopsError(f"{path}: file not found (run unetops split first)")
-    try:
-        split = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise UnetopsError(f"{path}: not a readable CSV ({exc.__class__.__name__})") from None
-    missing = {"case", "subset"} - set(split.columns)
-    if missing:
-        raise UnetopsError(f"{path}: missing column(s) {', '.join(sorted(missing))}")
-    return split
-
-
 def _load_case(path: Path, need_weight: bool, channels: int | None) -> dict[str, np.ndarray]:
     arrays = load_arrays(path)
     for key in ("image", "mask", "fov") + (("weight",) if need_weight else ()):
@@ -133,7 +121,7 @@ def _case_files(folder: Path, case: str) -> list[Path]:
 
 def load_training_data(cfg: Config) -> TrainingData:
     """The training patch sampler and the fixed validation patches, from the files on disk."""
-    split = _read_split(cfg.paths.split_csv)
+    split = read_split(cfg)
     train_cases = sorted(split.loc[split["subset"] == "train", "case"])
     val_cases = sorted(split.loc[split["subset"] == "val", "case"])
     if not train_cases:
