@@ -1,6 +1,6 @@
 """Training throughput of the default U-Net on 48×48 patches, on this machine's CPU.
 
-    python benchmarks/bench_train.py [--rounds 8] [--patches 1024] [--onednn] [--depth 3]
+    python benchmarks/bench_train.py [--rounds 8] [--patches 1024] [--onednn 0|1] [--depth 3]
                                      [--base-filters 16]
 
 On synthetic STARE-sized cases (10 train, 2 val, 605×700 gray):
@@ -19,8 +19,8 @@ On synthetic STARE-sized cases (10 train, 2 val, 605×700 gray):
   process: its steady-state patches/s and peak resident memory (target ≤ 4 GiB).
 
 Op determinism is on throughout, as in ``unetops train``; the first epoch (graph tracing) is
-never timed. ``--onednn`` runs the workers with ``TF_ENABLE_ONEDNN_OPTS=1``; without it they
-run as ``unetops`` does by default (``unetops/__init__.py`` sets it to 0 to quiet TensorFlow).
+never timed. ``--onednn 0`` runs the workers with TensorFlow's oneDNN kernels off; by default
+they run as ``unetops`` does (TensorFlow's default: on).
 """
 
 import argparse
@@ -184,7 +184,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=8, help="timed epochs of each, alternating")
     parser.add_argument("--patches", type=int, default=1024, help="patches per epoch")
-    parser.add_argument("--onednn", action="store_true", help="TF_ENABLE_ONEDNN_OPTS=1")
+    parser.add_argument("--onednn", choices=["0", "1"],
+                        help="TF_ENABLE_ONEDNN_OPTS for the workers (default: the environment's)")
     parser.add_argument("--depth", type=int, default=3, help="model.depth")
     parser.add_argument("--base-filters", type=int, default=16, help="model.base_filters")
     parser.add_argument("--worker")
@@ -194,8 +195,9 @@ def main() -> None:
         print(json.dumps(worker(args.worker, args.root, args.rounds)))
         return
 
-    env = os.environ | {"TF_CPP_MIN_LOG_LEVEL": "2",
-                        "TF_ENABLE_ONEDNN_OPTS": "1" if args.onednn else "0"}
+    env = os.environ | {"TF_CPP_MIN_LOG_LEVEL": "2"}
+    if args.onednn:
+        env["TF_ENABLE_ONEDNN_OPTS"] = args.onednn
     env.pop("MLFLOW_TRACKING_URI", None)
     with tempfile.TemporaryDirectory(prefix="bench_train.") as tmp:
         root = Path(tmp)
@@ -226,7 +228,8 @@ def main() -> None:
     ]
     print(f"model depth {args.depth}, {args.base_filters} filters, batch norm; {PATCH}×{PATCH} patches, batch "
           f"{BATCH}, {args.patches} patches × {args.rounds} rounds, oneDNN "
-          f"{'on' if args.onednn else 'off'}, {os.cpu_count()} CPUs")
+          f"{'off' if env.get('TF_ENABLE_ONEDNN_OPTS', '1') in ('0', 'false') else 'on'}, "
+          f"{os.cpu_count()} CPUs")
     width = max(len(r[0]) for r in rows)
     print(f"| {'measure':<{width}} | {'value':>16} | {'target / range':>14} |")
     print(f"|{'-' * (width + 2)}|{'-' * 18}|{'-' * 16}|")

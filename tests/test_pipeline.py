@@ -37,9 +37,6 @@ def sh(*args: str, cwd: Path) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="known integration bug: evaluate rejects the model saved by train "
-                          "('a NxN tile does not give a NxN output'); open on issue 6",
-                   strict=False)
 def test_reduced_dag_runs_and_second_repro_does_nothing(tmp_path):
     project = tmp_path / "project"
     shutil.copytree(REPO / "src", project / "src", ignore=shutil.ignore_patterns("__pycache__"))

@@ -181,6 +181,8 @@ class Predictor:
             out = self.model.compute_output_shape((1, size, size, self.channels))
         except ValueError:
             out = None
+        if isinstance(out, list) and len(out) == 1:  # a reloaded functional model lists its output
+            out = out[0]
         if out is None or tuple(out[1:3]) != (size - 2 * g.margin,) * 2:
             raise UnetopsError(
                 f"{self.name}: a {size}x{size} tile does not give a "
