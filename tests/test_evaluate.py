@@ -79,6 +79,22 @@ def test_seed000_protocol_uses_all_pixels_at_512_and_threshold_0_1():
     assert metrics["seed000"]["threshold"] == 0.1 and metrics["seed000"]["size"] == 512
 
 
+def test_isbi2012_reports_pixel_error_and_rand_error_of_the_test_slices():
+    truth = np.zeros((32, 32), bool)
+    truth[::8, :] = truth[:, ::8] = True
+    missed = truth.astype(np.float32)
+    missed[8, :] = 0.0
+    results = [case("s0", "test", truth.astype(np.float32), truth), case("s1", "test", missed, truth)]
+    metrics = summarize(results, "isbi2012")["metrics"]
+    block = metrics["isbi2012"]
+    wrong = 32 / (2 * 32 * 32)
+    assert block["pixel_error"] == pytest.approx(wrong)
+    assert block["pixel_error"] == pytest.approx(1 - metrics["accuracy"])
+    assert block["foreground_f1"] == metrics["f1"]
+    assert 0 < block["rand_error"] < 0.5
+    assert "isbi2012" not in summarize(results, "drive")["metrics"]
+
+
 def test_no_validation_cases_reports_threshold_05_only():
     truth = np.array([[1, 0, 1, 0]])
     metrics = summarize([case("t", "test", [[0.9, 0.1, 0.4, 0.6]], truth)], "drive")["metrics"]

@@ -5,7 +5,7 @@ import pytest
 from sklearn import metrics as skm
 
 from unetops.metrics import (average_precision, best_f1_threshold, confusion_counts, counts_metrics,
-                             curve_points, pixel_metrics, ranking_curve, roc_auc)
+                             curve_points, pixel_metrics, rand_error, ranking_curve, roc_auc)
 
 
 @pytest.fixture(params=[0, 1, 2])
@@ -82,3 +82,20 @@ def test_curve_points_are_few_and_lie_on_sklearns_curves(scores_truth):
         assert lookup[float(t)] == pytest.approx((f, r), abs=1e-12)
     assert points["tpr"][-1] == 1.0 and points["fpr"][-1] == 1.0
     assert np.all(np.diff(points["fpr"]) >= 0)
+
+
+def membrane_grid(size=32, step=8):
+    """Square cells separated by 1-px membranes (membrane = 1, the foreground, as ISBI's masks)."""
+    truth = np.zeros((size, size), bool)
+    truth[::step, :] = truth[:, ::step] = True
+    return truth
+
+
+def test_rand_error_is_zero_for_the_truth_and_grows_when_cells_merge():
+    truth = membrane_grid()
+    assert rand_error(truth.astype(np.float32), truth) == pytest.approx(0.0)
+    merged = truth.astype(np.float32)
+    merged[8, :] = 0.0                                     # one membrane missed: cells fuse
+    one = rand_error(merged, truth)
+    merged[16, :] = 0.0
+    assert 0.0 < one < rand_error(merged, truth) <= 1.0

@@ -15,7 +15,9 @@ Beside them: ``per_image`` (mean and sample SD over test images, FOV, 0.5), ``va
 metrics at 0.5; ``evaluate.champion_metric`` of it decides promotion) and, for STARE, ``seed000``:
 seed 000's protocol — prediction and ground truth resized to 512×512 (area interpolation), the
 prediction binarised at p > 0.1, the resized truth min-max scaled and binarised at > 0.1, all
-pixels (no FOV), precision, recall, IoU, accuracy and F1 per image, then averaged.
+pixels (no FOV), precision, recall, IoU, accuracy and F1 per image, then averaged. For ISBI 2012,
+``isbi2012``: pixel error, adapted Rand error and membrane F1 on the held-out slices
+(:func:`isbi_metrics`).
 
 Outputs: ``data/predictions/<case>.png`` (16-bit, round(p × 65535), native size; validation and
 test cases), ``reports/metrics.json``, ``reports/per_image.csv`` (one row per case and protocol),
@@ -42,7 +44,7 @@ from unetops.io import (atomic_dir, load_arrays, read_image, read_mask, write_cs
                         write_png)
 from unetops.metrics import (ALL_METRICS, THRESHOLD_METRICS, Counts, average_precision,
                              best_f1_threshold, confusion_counts, counts_metrics, curve_points,
-                             ranking_curve, roc_auc)
+                             rand_error, ranking_curve, roc_auc)
 from unetops.predict import Predictor, load_model, probability_to_uint16, resize_probability
 from unetops.preprocessing import read_split
 
@@ -190,6 +192,8 @@ def summarize(results: list[CaseResult], dataset: str, n_curve_points: int = 200
         seeded = test_rows[test_rows["protocol"] == "seed000"]
         metrics["seed000"] = {name: float(seeded[name].mean()) for name in SEED000_METRICS}
         metrics["seed000"].update(threshold=SEED000_THRESHOLD, size=SEED000_SIZE)
+    if dataset == "isbi2012":
+        metrics["isbi2012"] = isbi_metrics([r for r in results if r.subset == "test"], metrics)
     metrics["n_images"] = {subset: sum(r.subset == subset for r in results)
                            for subset in ("val", "test")}
 
@@ -199,6 +203,15 @@ def summarize(results: list[CaseResult], dataset: str, n_curve_points: int = 200
     pr = pd.DataFrame({"recall": points["tpr"], "precision": points["precision"],
                        "threshold": points["threshold"]})
     return {"metrics": _json_safe(metrics), "per_image": table, "roc": roc, "pr": pr}
+
+
+def isbi_metrics(test: list[CaseResult], pooled_metrics: dict) -> dict:
+    """ISBI 2012's own measures on the held-out slices: pixel error (1 - accuracy, all pixels,
+    threshold 0.5, as the U-Net paper reports), mean adapted Rand error, membrane F1."""
+    return {"pixel_error": 1.0 - pooled_metrics["accuracy"],
+            "rand_error": float(np.mean([rand_error(r.probability, r.truth, FIXED_THRESHOLD)
+                                         for r in test])),
+            "foreground_f1": pooled_metrics["f1"], "threshold": FIXED_THRESHOLD}
 
 
 def _json_safe(tree):
@@ -217,7 +230,8 @@ def flat_metrics(metrics: dict) -> dict[str, float]:
     blocks = {"val": ("eval_val_", ALL_METRICS),
               "val_best_threshold": ("eval_test_valbest_", (*THRESHOLD_METRICS, "threshold")),
               "per_image": ("eval_test_image_", tuple(metrics.get("per_image", {}))),
-              "seed000": ("eval_seed000_", SEED000_METRICS)}
+              "seed000": ("eval_seed000_", SEED000_METRICS),
+              "isbi2012": ("eval_isbi2012_", ("pixel_error", "rand_error", "foreground_f1"))}
     for block, (prefix, names) in blocks.items():
         for name in names if block in metrics else ():
             flat[prefix + name] = metrics[block][name]
