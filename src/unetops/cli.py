@@ -1,6 +1,14 @@
-"""The ``unetops`` command: one thin command per DVC stage, each calling ``stages.<name>.run(cfg)``."""
+"""The ``unetops`` command: one thin command per DVC stage, each calling ``stages.<name>.run(cfg)``.
+
+Exit codes: 0 when the stage wrote its outputs, 1 with one ``unetops: error: …`` line when it
+did not. A stage whose MLflow logging failed part-way (the tracking server went away during
+training) still exits 0, its outputs written, after one ``unetops: warning: MLflow …: run …
+incomplete, not logged: …`` line (:func:`unetops.tracking.take_unlogged`).
+"""
 
 import importlib
+import shlex
+import sys
 from pathlib import Path
 
 import typer
@@ -24,12 +32,22 @@ def fail(exc: UnetopsError) -> typer.Exit:
     return typer.Exit(code=1)
 
 
+def warn_unlogged() -> None:
+    """Say what MLflow did not take, if anything (only a stage that tracks imported tracking)."""
+    tracking = sys.modules.get("unetops.tracking")
+    message = tracking.take_unlogged() if tracking is not None else None
+    if message:
+        typer.echo(f"unetops: warning: {message}", err=True)
+
+
 def run_stage(name: str, params: Path) -> None:
     try:
         cfg = load_config(params)
         importlib.import_module(f"unetops.stages.{name}").run(cfg)
     except UnetopsError as exc:
+        warn_unlogged()
         raise fail(exc) from None
+    warn_unlogged()
 
 
 @app.command()
@@ -97,6 +115,29 @@ def predict(
                        fov=FovMode(fov))
     except UnetopsError as exc:
         raise fail(exc) from None
+
+
+@app.command()
+def profile(
+    name: str = typer.Argument(..., help="A profiles/<name>.yaml file: drive, stare, isbi2012."),
+    set_params: bool = typer.Option(False, "--set-params",
+                                    help="Print it as `dvc exp run -S key=value ...` arguments "
+                                         "instead of writing params.yaml."),
+    params: Path = ParamsOption,
+) -> None:
+    """Apply a dataset profile (the best settings found) to params.yaml; then run `dvc repro`."""
+    try:
+        from unetops import profiles
+
+        if set_params:
+            typer.echo(" ".join(shlex.quote(arg)
+                                for arg in profiles.set_param_args(params.parent, name)))
+            return
+        changed = profiles.apply_profile(params, name)
+    except UnetopsError as exc:
+        raise fail(exc) from None
+    summary = ", ".join(f"{key}={value}" for key, value in changed) or "nothing (already applied)"
+    typer.echo(f"{params}: profile {name} applied; changed {summary}")
 
 
 def main() -> None:

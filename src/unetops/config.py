@@ -235,11 +235,15 @@ class TrainConfig(Section):
     ``pos_weight`` (weighted_bce) null: background/vessel pixel ratio of the training FOVs.
     ``reduce_lr_patience`` / ``early_stopping_patience`` 0 switch those callbacks off;
     ``monitor`` picks the best model, early stopping and plateau detection.
+    ``strategy`` (:mod:`unetops.distribute`): ``default`` one device, no ``tf.distribute``;
+    ``mirrored`` all local GPUs; ``multi_worker`` several hosts, the cluster from ``TF_CONFIG``.
+    ``batch_size`` is the global batch, split evenly over the strategy's replicas.
     """
 
     seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = 0
     epochs: Annotated[int, Field(ge=1, le=10000)] = 20
     batch_size: Annotated[int, Field(ge=1, le=4096)] = 32
+    strategy: Literal["default", "mirrored", "multi_worker"] = "default"
     learning_rate: Annotated[float, Field(gt=0.0, le=1.0)] = 1e-3
     patch_size: Annotated[int, Field(ge=8, le=2048)] = 48
     patches_per_epoch: Annotated[int, Field(ge=1, le=10_000_000)] = 4096

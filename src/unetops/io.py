@@ -69,6 +69,23 @@ def atomic_dir(path: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def check_writable(*folders: Path) -> None:
+    """Fail in one line, before any work, when an output folder cannot take new files.
+
+    It tries what :func:`atomic_path` will do (create the folder and a temporary file in it):
+    permission bits alone do not tell (root, ACLs, read-only mounts).
+    """
+    for folder in folders:
+        folder = Path(folder)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(prefix=".unetops-probe.", suffix=".tmp", dir=folder)
+        except OSError as exc:
+            raise UnetopsError(f"{folder}: cannot write ({exc.strerror})") from None
+        os.close(fd)
+        os.unlink(probe)
+
+
 def write_bytes(path: Path, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)

@@ -13,8 +13,14 @@ A killed run resumes: Keras ``BackupAndRestore`` keeps weights and optimizer in
 run id beside it, so the next ``unetops train`` with the same params and data continues at the
 epoch that was interrupted, in the same MLflow run. Epochs are numbered from 1 in every output
 (history CSV, summary JSON, MLflow steps).
+
+``train.strategy`` runs the same training on several devices or hosts (:mod:`unetops.distribute`):
+``train.batch_size`` stays the global batch, each replica trains on its slice of the batch one
+device would draw, batch normalisation uses the global batch's statistics, and only the chief
+worker logs to MLflow and writes the outputs.
 """
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -32,7 +38,7 @@ import tensorflow as tf
 import yaml
 from mlflow.exceptions import MlflowException
 
-from unetops import tracking
+from unetops import distribute, tracking
 from unetops.config import Config, TrainConfig
 from unetops.console import log
 from unetops.errors import UnetopsError
@@ -60,7 +66,9 @@ class FitResult:
     iou, f1, val_loss, val_iou, val_f1, learning_rate, seconds, patches_per_second), epochs
     before an interruption included; ``best_epoch`` counts from 1 and ``best`` holds its
     ``val_*`` values; ``seconds``: summed epoch times (training + validation);
-    ``patches_per_second``: steady-state training throughput (first epoch excluded).
+    ``patches_per_second``: steady-state training throughput (first epoch excluded);
+    ``chief``: False on the other workers of ``multi_worker`` (no MLflow run, ``run_id`` empty,
+    nothing for them to write).
     """
 
     model: keras.Model
@@ -70,6 +78,7 @@ class FitResult:
     run_id: str
     seconds: float
     patches_per_second: float
+    chief: bool = True
 
 
 @dataclasses.dataclass
@@ -212,6 +221,23 @@ def training_dataset(sampler: PatchSampler, train: TrainConfig, steps: int, marg
     return tf.data.Dataset.range(steps).map(batch).prefetch(tf.data.AUTOTUNE)
 
 
+def _inputs(where: distribute.Placement, data: TrainingData, train: TrainConfig, steps: int,
+            margin: int, epoch: EpochCounter):
+    """The training and validation batches; under a strategy, to be split over its replicas.
+
+    Every worker draws the same seeded global batches; ``unbatch().batch()`` gives tf.distribute
+    a batch op to find the global batch size in, and :func:`unetops.distribute.data_sharded`
+    gives each replica its slice of every batch, so the replicas of a step together train on
+    the batch one device would.
+    """
+    dataset = training_dataset(data.sampler, train, steps, margin, epoch)
+    validation = tf.data.Dataset.from_tensor_slices((data.val_x, data.val_y)).batch(train.batch_size)
+    if where.strategy is None:
+        return dataset, validation
+    dataset = dataset.unbatch().batch(train.batch_size, drop_remainder=True)
+    return distribute.data_sharded(dataset), distribute.data_sharded(validation)
+
+
 # --- model ----------------------------------------------------------------------------------------
 
 class CyclicLearningRate(keras.optimizers.schedules.LearningRateSchedule):
@@ -245,15 +271,28 @@ def learning_rate(train: TrainConfig, steps_per_epoch: int):
                               train.lr_schedule, train.cycle_gamma)
 
 
-def compile_model(cfg: Config, channels: int, steps_per_epoch: int, pos_weight: float) -> keras.Model:
+def compile_model(cfg: Config, channels: int, steps_per_epoch: int, pos_weight: float,
+                  replicas: int = 1) -> keras.Model:
+    """The U-Net with Adam, the loss and the metrics; ``replicas``: of the current strategy.
+
+    With several replicas, batch normalisation uses the statistics of the global batch
+    (all-reduced, as one device would compute them; :func:`fit` exports the weights into plain
+    layers), and every step is its own ``tf.function`` call: Keras 3 loops of several steps fail
+    on distributed iterators (keras-team/keras#19246).
+    """
     model = build_unet(channels, cfg.model)
+    if replicas > 1:
+        for layer in model.layers:
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.synchronized = True
     metrics = [keras.metrics.BinaryIoU(target_class_ids=[1], threshold=0.5, name="iou"),
                F1Score(name="f1")]
     if cfg.train.monitor == "val_auc":
         metrics.append(keras.metrics.AUC(name="auc"))
     model.compile(optimizer=keras.optimizers.Adam(learning_rate(cfg.train, steps_per_epoch)),
                   loss=make_loss(cfg.train.loss, pos_weight), metrics=metrics,
-                  steps_per_execution=min(STEPS_PER_EXECUTION, steps_per_epoch))
+                  steps_per_execution=1 if replicas > 1 else min(STEPS_PER_EXECUTION,
+                                                                  steps_per_epoch))
     return model
 
 
@@ -342,6 +381,14 @@ def _column_order(key: str) -> tuple[int, str]:
     return (COLUMNS.index(key) if key in COLUMNS else len(COLUMNS), key)
 
 
+def _backup_epoch(folder: Path) -> int:
+    """The epoch ``BackupAndRestore`` will resume at (0: none backed up)."""
+    try:
+        return int(json.loads((folder / "backup" / "training_metadata.json").read_text())["epoch"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
 def _load_state(folder: Path, fingerprint: str) -> tuple[_State, list[np.ndarray] | None]:
     """The state of an interrupted run on the same params and data, else a fresh one."""
     path = folder / "state.json"
@@ -351,6 +398,10 @@ def _load_state(folder: Path, fingerprint: str) -> tuple[_State, list[np.ndarray
         except (ValueError, TypeError):
             state = None
         if state is not None and state.fingerprint == fingerprint:
+            backup = folder / "backup"
+            if backup.is_dir() and not any((backup / f"training_metadata.json{suffix}").is_file()
+                                           for suffix in ("", ".bkp")):
+                shutil.rmtree(backup)  # killed while writing the first backup: nothing to load
             weights = None
             if (folder / "best.npz").is_file():
                 arrays = load_arrays(folder / "best.npz")
@@ -366,7 +417,8 @@ class MlflowEpochLogger(keras.callbacks.Callback):
     """One metric point per epoch (step = epoch number from 1), synchronous so none is lost."""
 
     def on_epoch_end(self, epoch, logs=None):
-        mlflow.log_metrics({k: float(v) for k, v in (logs or {}).items()}, step=epoch + 1)
+        tracking.tolerant(f"epoch {epoch + 1} metrics", mlflow.log_metrics,
+                          {k: float(v) for k, v in (logs or {}).items()}, step=epoch + 1)
 
 
 # --- MLflow artifacts ----------------------------------------------------------------------------
@@ -435,27 +487,30 @@ def _log_artifacts(cfg: Config, model: keras.Model, history: dict, data: Trainin
     signature = ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1, -1, channels), "image")]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1, -1, 1), "mask")]))
-    mlflow.keras.log_model(inference_model(model), name="model", signature=signature,
-                           pip_requirements=_pip_requirements(),
-                           registered_model_name=cfg.mlflow.register_model)
-    mlflow.log_figure(learning_curve_figure(history), "plots/learning_curve.png")
+    tracking.tolerant("model", mlflow.keras.log_model, inference_model(model), name="model",
+                      signature=signature, pip_requirements=_pip_requirements(),
+                      registered_model_name=cfg.mlflow.register_model)
+    tracking.tolerant("learning curve", mlflow.log_figure, learning_curve_figure(history),
+                      "plots/learning_curve.png")
     sample_x = data.val_x[:OVERLAY_PATCHES]
     probabilities = keras.ops.convert_to_numpy(model(sample_x, training=False))
-    mlflow.log_image(overlay_grid(sample_x, data.val_y[:OVERLAY_PATCHES], probabilities),
-                     artifact_file="plots/sample_overlay.png")
+    tracking.tolerant("sample overlay", mlflow.log_image,
+                      overlay_grid(sample_x, data.val_y[:OVERLAY_PATCHES], probabilities),
+                      artifact_file="plots/sample_overlay.png")
 
 
 # --- the stage ------------------------------------------------------------------------------------
 
-def _open_run(state: _State, nested: bool) -> tuple[mlflow.ActiveRun, bool]:
-    """Re-open the interrupted run when there is one (True: it is new)."""
+def _open_run(state: _State, nested: bool) -> tuple[tracking.TolerantRun, bool]:
+    """Re-open the interrupted run when there is one (True: it is new). Ending the run (on
+    leaving ``with``) tolerates a lost tracking store, as the logging during training does."""
     if state.run_id:
         try:
-            return mlflow.start_run(run_id=state.run_id, nested=nested), False
+            return tracking.TolerantRun(mlflow.start_run(run_id=state.run_id, nested=nested)), False
         except MlflowException as exc:
-            log.warning(f"cannot re-open MLflow run {state.run_id} ({exc.message.splitlines()[0]}); "
+            log.warning(f"cannot re-open MLflow run {state.run_id} ({tracking.error_line(exc)}); "
                         "logging to a new run")
-    return mlflow.start_run(nested=nested), True
+    return tracking.TolerantRun(mlflow.start_run(nested=nested)), True
 
 
 def _pos_weight(train: TrainConfig, sampler: PatchSampler) -> float:
@@ -486,11 +541,12 @@ def _log_run_start(cfg: Config, data: TrainingData, state: _State, derived: dict
     tags = {"dataset": cfg.data.dataset, "data_hash": data.data_hash, "dvc_stage": "train"}
     if commit := tracking.git_commit(cfg.paths.root):
         tags["git_commit"] = tags["mlflow.source.git.commit"] = commit
-    mlflow.set_tags(tags)
-    tracking.log_params(tracking.flat_params(cfg, LOGGED_SECTIONS)
-                        | {f"derived.{k}": str(v) for k, v in derived.items()})
+    tracking.tolerant("tags", mlflow.set_tags, tags)
+    tracking.tolerant("params", tracking.log_params, tracking.flat_params(cfg, LOGGED_SECTIONS)
+                      | {f"derived.{k}": str(v) for k, v in derived.items()})
     for step, row in enumerate(zip(*state.history.values()), start=1):  # a run re-created
-        mlflow.log_metrics(dict(zip(state.history, row)), step=step)
+        tracking.tolerant(f"epoch {step} metrics", mlflow.log_metrics,
+                          dict(zip(state.history, row)), step=step)
 
 
 def fit(cfg: Config, *, extra_callbacks: Sequence[keras.callbacks.Callback] = (),
@@ -503,60 +559,86 @@ def fit(cfg: Config, *, extra_callbacks: Sequence[keras.callbacks.Callback] = ()
     (they run after the MLflow logger, so a pruned trial keeps its last epoch's metrics).
     """
     check_patch_size(cfg)
-    tracking.setup(cfg)
-    data = load_training_data(cfg)
     train = cfg.train
+    if nested and train.strategy == "multi_worker":
+        raise UnetopsError("train.strategy: multi_worker trains one model on several hosts; "
+                           "tune cannot use it (run tune workers on several hosts instead)")
+    where = distribute.placement(train.strategy, train.batch_size)
+    if where.chief:
+        tracking.setup(cfg)
+    data = load_training_data(cfg)
     steps = max(1, train.patches_per_epoch // train.batch_size)
     pos_weight = _pos_weight(train, data.sampler)
 
     keras.utils.set_random_seed(train.seed)
     tf.config.experimental.enable_op_determinism()
-    model = compile_model(cfg, data.sampler.channels, steps, pos_weight)
+    with where.scope():
+        model = compile_model(cfg, data.sampler.channels, steps, pos_weight, where.replicas)
 
     folder = cfg.paths.checkpoints if resume else None
+    if folder is not None and not where.chief:
+        folder = distribute.worker_checkpoints(folder, where)
     fingerprint = _fingerprint(cfg, data.data_hash)
     state, best_weights = _load_state(folder, fingerprint) if resume else (_State(fingerprint), None)
     epoch = EpochCounter()
     tracker = EpochTracker(state, train.monitor, steps * train.batch_size, train.epochs, folder,
                            best_weights)
-    callbacks = [epoch, tracker, MlflowEpochLogger(), *_optional_callbacks(train, folder),
-                 *extra_callbacks]
+    callbacks = [epoch, tracker, *([MlflowEpochLogger()] if where.chief else []),
+                 *_optional_callbacks(train, folder), *extra_callbacks]
     margin = output_margin(cfg.model)
-    dataset = training_dataset(data.sampler, train, steps, margin, epoch)
-    validation = tf.data.Dataset.from_tensor_slices((data.val_x, data.val_y)).batch(train.batch_size)
+    dataset, validation = _inputs(where, data, train, steps, margin, epoch)
     derived = {"steps_per_epoch": steps, "output_margin": margin, "pos_weight": f"{pos_weight:.6g}",
                "train_files": data.train_files, "val_cases": data.val_cases,
                "parameters": model.count_params()}
+    if where.strategy is not None:
+        derived |= {"replicas": where.replicas, "workers": where.workers}
+    if folder is not None and not distribute.same_on_every_worker(where, _backup_epoch(folder)):
+        raise UnetopsError(f"{cfg.paths.checkpoints}: the workers would resume at different "
+                           "epochs; resuming multi_worker needs the chief's folder on a shared "
+                           "file system (or delete it on every host to start afresh)")
     try:
-        run, is_new = _open_run(state, nested)
+        run, is_new = _open_run(state, nested) if where.chief else (contextlib.nullcontext(), False)
         with run:
-            state.run_id = run.info.run_id
+            if where.chief:
+                state.run_id = run.info.run_id
             if is_new:
                 _log_run_start(cfg, data, state, derived)
             log.info(f"training {model.count_params():,} parameters on {data.train_files} files, "
-                     f"{steps} × {train.batch_size} patches per epoch, MLflow run {state.run_id}")
-            model.fit(dataset, epochs=train.epochs, validation_data=validation,
-                      callbacks=callbacks, shuffle=False, verbose=0)
+                     f"{steps} × {train.batch_size} patches per epoch"
+                     + (f" over {where.replicas} replicas" if where.strategy is not None else "")
+                     + (f", MLflow run {state.run_id}" if where.chief else
+                        f" as {where.task} (the chief logs to MLflow and writes the outputs)"))
+            with distribute.epochs_end_with_the_data(where):
+                model.fit(dataset, epochs=train.epochs, validation_data=validation,
+                          callbacks=callbacks, shuffle=False, verbose=0)
             if tracker.best_weights is None:
                 raise UnetopsError(f"{train.monitor}: not finite in any epoch (diverged? lower "
                                    "train.learning_rate)")
+            if where.strategy is not None:  # plain variables: saving needs no other worker
+                model = compile_model(cfg, data.sampler.channels, steps, pos_weight)
             model.set_weights(tracker.best_weights)
             history = state.history
             best = {k: v[state.best_epoch - 1] for k, v in history.items() if k.startswith("val_")}
             seconds = float(sum(history["seconds"]))
             throughput = steady_throughput(history["patches_per_second"])
-            mlflow.log_metrics({"best_epoch": state.best_epoch, "train_seconds": seconds,
-                                "train_patches_per_second": throughput}
-                               | {f"best_{k}": v for k, v in best.items()})
-            if save:
+            if where.chief:
+                tracking.tolerant("final metrics", mlflow.log_metrics,
+                                  {"best_epoch": state.best_epoch, "train_seconds": seconds,
+                                   "train_patches_per_second": throughput}
+                                  | {f"best_{k}": v for k, v in best.items()})
+            if save and where.chief:
                 _log_artifacts(cfg, model, history, data)
     except MlflowException as exc:
         kept = f"; training state kept in {folder}, rerun to resume" if resume else ""
-        raise UnetopsError(f"MLflow {tracking.tracking_uri(cfg)}: "
-                           f"{exc.message.strip().splitlines()[0]}{kept}") from None
-    if resume:
+        raise UnetopsError(f"MLflow {tracking.shown_tracking_uri(cfg)}: "
+                           f"{tracking.error_line(exc)}{kept}") from None
+    finally:
+        if folder is not None and not where.chief:
+            shutil.rmtree(folder.parent, ignore_errors=True)
+    if resume and where.chief:
         shutil.rmtree(folder, ignore_errors=True)
-    return FitResult(model, history, state.best_epoch, best, state.run_id, seconds, throughput)
+    return FitResult(model, history, state.best_epoch, best, state.run_id if where.chief else "",
+                     seconds, throughput, where.chief)
 
 
 def steady_throughput(per_epoch: Sequence[float]) -> float:
@@ -589,6 +671,9 @@ def run(cfg: Config) -> None:
     if cfg.train.use_tuned:
         cfg = apply_tuned(cfg)
     result = fit(cfg)
+    if not result.chief:
+        log.info("training done; the chief worker writes the model, reports and MLflow run")
+        return
     with atomic_path(cfg.paths.model) as tmp:
         inference_model(result.model).save(tmp)
     tracking.write_run_id(cfg, result.run_id)

@@ -47,7 +47,7 @@ from unetops import hyperparameters, tracking
 from unetops.config import Config, SearchRange, SearchSpace
 from unetops.console import log
 from unetops.errors import UnetopsError
-from unetops.io import write_text
+from unetops.io import check_writable, write_text
 
 #: Study user attributes.
 PARENT_RUN_ATTR = "mlflow_run_id"
@@ -165,13 +165,50 @@ class StudyLock:
             self._engine.dispose()
 
 
+STORAGE_ERRORS = (optuna.exceptions.StorageInternalError, sqlalchemy.exc.OperationalError)
+"""What a storage raises when its database goes away (Optuna wraps most SQL errors)."""
+
+
+def storage_reason(exc: BaseException) -> str:
+    """The database's own first line (Optuna's wrapper message says nothing about the cause)."""
+    cause = exc.__cause__ if isinstance(exc, optuna.exceptions.StorageInternalError) else exc
+    cause = getattr(cause, "orig", None) or cause or exc
+    text = str(cause).strip()
+    return text.splitlines()[0] if text else type(cause).__name__
+
+
+class ResilientStorage(optuna.storages.RDBStorage):
+    """Optuna's RDB storage with a heartbeat that outlives a database restart.
+
+    Optuna's heartbeat thread dies at its first error, so after a restart during a trial the
+    trial would beat no more: 2 × ``tune.heartbeat_seconds`` later another worker would fail a
+    trial that is still running, and this worker could not tell its result. Here a beat that
+    fails is logged and the next one tried on time. Pooled connections are checked before use
+    (``pool_pre_ping``), so the trial's own calls after the restart reconnect.
+    """
+
+    _beating = True
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        try:
+            super().record_heartbeat(trial_id)
+        except STORAGE_ERRORS as exc:
+            log.warning("tune: the running trial's heartbeat not recorded (%s); trying again "
+                        "in %s s", storage_reason(exc), self.heartbeat_interval)
+            self._beating = False
+            return
+        if not self._beating:
+            self._beating = True
+            log.info("tune: heartbeat recorded again")
+
+
 def open_storage(cfg: Config, url: sqlalchemy.URL) -> optuna.storages.RDBStorage:
     engine_kwargs = ({"connect_args": {"timeout": 60}} if url.get_backend_name() == "sqlite"
                      else {"pool_pre_ping": True})
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(
+            return ResilientStorage(
                 url.render_as_string(hide_password=False),
                 engine_kwargs=engine_kwargs,
                 heartbeat_interval=cfg.tune.heartbeat_seconds,
@@ -465,6 +502,9 @@ def tune(cfg: Config, fit: FitFn | None = None,
          callbacks: Iterable[TrialCallback] = ()) -> optuna.Study:
     """Run trials until the study holds ``tune.n_trials`` finished or running ones, then report.
 
+    A database that goes away for longer than a call stops the worker with one line (every
+    finished trial is in the study; a rerun continues it, failing the interrupted trial once its
+    heartbeat is stale); a restart between calls goes unnoticed but for a logged heartbeat.
     ``fit`` has ``unetops.stages.train.fit``'s signature (the default; tests pass a fast
     stand-in); ``callbacks`` are called as ``callback(study, trial)`` after each trial this
     worker finishes, like ``study.optimize``'s.
@@ -472,6 +512,7 @@ def tune(cfg: Config, fit: FitFn | None = None,
     if fit is None:
         from unetops.stages.train import fit
     check_space(cfg)
+    check_writable(*{path.parent for path in report_paths(cfg)})  # not after hours of trials
     url = storage_url(cfg)
     lock = StudyLock(url, study_name(cfg))
     try:
@@ -481,7 +522,7 @@ def tune(cfg: Config, fit: FitFn | None = None,
         study.sampler, study.pruner = _sampler_and_pruner(cfg, worker)
         log.info("tune: study %r in %s, worker %d, %d trials in total", study.study_name,
                  shown_url(url), worker, cfg.tune.n_trials)
-        with mlflow.start_run(run_id=parent_id):
+        with tracking.TolerantRun(mlflow.start_run(run_id=parent_id)):
             mlflow.set_tag("tune.n_trials", cfg.tune.n_trials)
             while True:
                 with lock():
@@ -497,12 +538,23 @@ def tune(cfg: Config, fit: FitFn | None = None,
                     callback(study, frozen)
             _log_running(study, cfg)
             report(study, cfg)
+    except STORAGE_ERRORS as exc:
+        raise UnetopsError(f"params.yaml: tune.storage: {shown_url(url)}: {storage_reason(exc)}; "
+                           "finished trials are kept: run unetops tune again to continue the "
+                           "study") from None
     finally:
         lock.close()
     return study
 
 
 # --- the report -------------------------------------------------------------------------------
+
+def report_paths(cfg: Config) -> tuple[Path, ...]:
+    """Every file :func:`report` writes."""
+    paths = cfg.paths
+    return (paths.hyperparameters_md, paths.hyperparameters_csv, paths.hyperparameters_history,
+            paths.hyperparameters_importance, paths.best_params)
+
 
 def report(study: optuna.Study, cfg: Config) -> None:
     """Rebuild the table, the plots and ``best_params.yaml`` from the study; put the best trial
@@ -524,8 +576,7 @@ def report(study: optuna.Study, cfg: Config) -> None:
                         for name in (*hyperparameters.VAL_ATTRS, *hyperparameters.TEST_ATTRS)
                         if name in best.user_attrs})
         mlflow.log_metrics(metrics, step=finished)
-    for path in (paths.hyperparameters_md, paths.hyperparameters_csv, history_png,
-                 importance_png, paths.best_params):
+    for path in report_paths(cfg):
         mlflow.log_artifact(str(path))
     log.info("tune: %d trials in %s; best %s", len(frame), paths.rel(paths.hyperparameters_md),
              "none yet" if best is None else
