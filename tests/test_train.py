@@ -24,6 +24,7 @@ from unetops.cli import app
 from unetops.errors import UnetopsError
 from unetops.io import save_arrays
 from unetops.model import output_margin, valid_input_size
+from unetops.overlays import OVERLAY_COLOURS
 from unetops.stages import train
 
 TINY = {
@@ -314,10 +315,12 @@ def test_overlay_marks_hits_misses_and_false_alarms():
     probabilities[:, 0, 0] = probabilities[:, 1, 1] = 1
     grid = train.overlay_grid(images, truth, probabilities, scale=1)
     assert grid.shape == (8, 2 * 6, 3) and grid.dtype == np.uint8
+    assert tuple(grid[0, 1]) == (128, 128, 128)  # the patch itself on top
     overlay = grid[4:, 1:5]
-    assert tuple(overlay[0, 0]) == (255, 255, 0)  # hit
-    assert tuple(overlay[0, 1]) == (0, 255, 0)  # missed
-    assert tuple(overlay[1, 1]) == (255, 0, 0)  # false alarm
+    assert tuple(overlay[0, 0]) == OVERLAY_COLOURS["tp"]
+    assert tuple(overlay[0, 1]) == OVERLAY_COLOURS["fn"]
+    assert tuple(overlay[1, 1]) == OVERLAY_COLOURS["fp"]
+    assert tuple(overlay[2, 2]) == (57, 57, 57)  # 0.45 x the patch: the same dimming as evaluate's
 
 
 def test_steady_throughput_skips_the_tracing_epoch():

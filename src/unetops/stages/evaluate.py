@@ -45,6 +45,7 @@ from unetops.io import (atomic_dir, load_arrays, read_image, read_mask, write_cs
 from unetops.metrics import (ALL_METRICS, THRESHOLD_METRICS, Counts, average_precision,
                              best_f1_threshold, confusion_counts, counts_metrics, curve_points,
                              rand_error, ranking_curve, roc_auc)
+from unetops.overlays import error_overlay
 from unetops.predict import Predictor, load_model, probability_to_uint16, resize_probability
 from unetops.preprocessing import read_split
 
@@ -53,8 +54,6 @@ SEED000_SIZE = 512
 SEED000_THRESHOLD = 0.1
 SEED000_METRICS = ("precision", "recall", "iou", "accuracy", "f1")
 CHAMPION_ALIAS = "champion"
-#: Overlay colours (RGB): true positive, miss (false negative), false alarm (false positive).
-OVERLAY_COLOURS = {"tp": (255, 255, 255), "fn": (255, 0, 255), "fp": (0, 200, 0)}
 PER_IMAGE_COLUMNS = [
     "case", "subset", "protocol", "threshold", *ALL_METRICS, "tp", "fp", "fn", "tn"]
 
@@ -83,22 +82,6 @@ def predict_case(row, predictor: Predictor, cfg: Config) -> CaseResult:
         raise UnetopsError(f"{row.fov}: shape {fov.shape} differs from the mask's {truth.shape}")
     probability = resize_probability(predictor(image), truth.shape)
     return CaseResult(row.case, row.subset, np.where(fov, probability, np.float32(0.0)), truth, fov)
-
-
-def overlay(image: np.ndarray, predicted: np.ndarray, truth: np.ndarray,
-            fov: np.ndarray) -> np.ndarray:
-    """RGB uint8: the dimmed image with hits, misses and false alarms in :data:`OVERLAY_COLOURS`."""
-    gray = image.astype(np.float32)
-    if gray.ndim == 3:
-        gray = gray @ np.array([0.299, 0.587, 0.114], np.float32)
-    if np.issubdtype(image.dtype, np.integer):
-        gray *= 255.0 / np.iinfo(image.dtype).max
-    base = np.where(fov, 0.45, 0.15) * gray
-    out = np.repeat(base[..., None], 3, axis=2).astype(np.uint8)
-    for name, where in (("tp", predicted & truth), ("fn", ~predicted & truth),
-                        ("fp", predicted & ~truth)):
-        out[where & fov] = OVERLAY_COLOURS[name]
-    return out
 
 
 # --- metrics (pure numpy) -----------------------------------------------------------------------
@@ -381,7 +364,7 @@ def run(cfg: Config) -> None:
     with atomic_dir(paths.overlays) as staged:
         for result in (r for r in results if r.subset == "test"):
             write_png(staged / f"{result.case}.png",
-                      overlay(read_image(paths.abs(images[result.case])),
+                      error_overlay(read_image(paths.abs(images[result.case])),
                               result.probability >= FIXED_THRESHOLD, result.truth, result.fov))
     write_csv(paths.per_image, summary["per_image"])
     write_csv(paths.roc_csv, summary["roc"])

@@ -46,6 +46,7 @@ from unetops.preprocessing import read_split
 from unetops.io import atomic_path, load_arrays, save_arrays, write_csv, write_json
 from unetops.losses import F1Score, make_loss
 from unetops.model import build_unet, input_multiple, output_margin, valid_input_size
+from unetops.overlays import error_overlay, grayscale
 from unetops.patches import PatchSampler
 
 MAXIMISED = {"val_iou", "val_f1", "val_auc"}
@@ -449,21 +450,16 @@ def learning_curve_figure(history: dict[str, list[float]]):
 
 def overlay_grid(images: np.ndarray, truths: np.ndarray, probabilities: np.ndarray,
                  scale: int = 4) -> np.ndarray:
-    """RGB uint8: patches on top, overlays below (green missed, red false alarm, yellow hit)."""
-    margin = (images.shape[1] - truths.shape[1]) // 2
-    images = _crop(images, margin)
-    gray = images.mean(axis=-1) if images.shape[-1] != 3 else None
-    rgb = np.repeat(gray[..., None], 3, axis=-1) if gray is not None else images
-    rgb = np.clip(rgb, 0.0, 1.0)
-    truth, predicted = truths[..., 0] > 0.5, probabilities[..., 0] >= 0.5
-    overlay = rgb * 0.5
-    overlay[truth & ~predicted] = (0.0, 1.0, 0.0)
-    overlay[~truth & predicted] = (1.0, 0.0, 0.0)
-    overlay[truth & predicted] = (1.0, 1.0, 0.0)
-    columns = [np.pad(np.concatenate([a, b]), ((0, 0), (1, 1), (0, 0)), constant_values=1.0)
-               for a, b in zip(rgb, overlay)]
-    grid = np.repeat(np.repeat(np.concatenate(columns, axis=1), scale, axis=0), scale, axis=1)
-    return (grid * 255).round().astype(np.uint8)
+    """RGB uint8: patches on top, their error overlays below (:mod:`unetops.overlays`' colours)."""
+    images = _crop(images, (images.shape[1] - truths.shape[1]) // 2)
+    columns = []
+    for image, truth, probability in zip(images, truths, probabilities):
+        patch = np.repeat((grayscale(image) * 255.0).round().astype(np.uint8)[..., None], 3, axis=2)
+        errors = error_overlay(image, probability[..., 0] >= 0.5, truth[..., 0] > 0.5)
+        columns.append(np.pad(np.concatenate([patch, errors]), ((0, 0), (1, 1), (0, 0)),
+                              constant_values=255))
+    grid = np.concatenate(columns, axis=1)
+    return np.repeat(np.repeat(grid, scale, axis=0), scale, axis=1)
 
 
 def _pip_requirements() -> list[str]:
