@@ -365,7 +365,8 @@ def run(cfg: Config) -> None:
         for result in (r for r in results if r.subset == "test"):
             write_png(staged / f"{result.case}.png",
                       error_overlay(read_image(paths.abs(images[result.case])),
-                              result.probability >= FIXED_THRESHOLD, result.truth, result.fov))
+                                    result.probability >= FIXED_THRESHOLD, result.truth,
+                                    result.fov))
     write_csv(paths.per_image, summary["per_image"])
     write_csv(paths.roc_csv, summary["roc"])
     write_csv(paths.pr_csv, summary["pr"])
