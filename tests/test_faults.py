@@ -394,6 +394,16 @@ def unprivileged() -> tuple[str, ...]:
     return tuple(UNPRIVILEGED)
 
 
+def run_in_read_only(folder: Path, *args: str, cwd: Path, log: Path,
+                     prefix: tuple[str, ...]) -> tuple[int, str]:
+    """``unetops <args>`` to its end while ``folder`` is read-only (restored afterwards)."""
+    folder.chmod(0o555)
+    try:
+        return run(*args, cwd=cwd, log=log, prefix=prefix)
+    finally:
+        folder.chmod(0o755)
+
+
 @pytest.mark.slow
 def test_read_only_models_folder_is_a_one_line_error_and_keeps_the_old_model(tiny, tmp_path):
     prefix = unprivileged()
@@ -403,11 +413,8 @@ def test_read_only_models_folder_is_a_one_line_error_and_keeps_the_old_model(tin
     cfg.paths.model.write_bytes(b"the model of an earlier run")
     summary.parent.mkdir(parents=True, exist_ok=True)
     summary.write_text('{"epochs": 7}\n')
-    models.chmod(0o555)
-    try:
-        code, output = run("train", cwd=cfg.paths.root, log=tmp_path / "train.log", prefix=prefix)
-    finally:
-        models.chmod(0o755)
+    code, output = run_in_read_only(models, "train", cwd=cfg.paths.root,
+                                    log=tmp_path / "train.log", prefix=prefix)
     assert code == 1, output
     [line] = own_lines(output)
     assert re.fullmatch(rf"unetops: error: {re.escape(str(models))}/\S+: cannot write "
@@ -426,11 +433,8 @@ def test_read_only_reports_folder_stops_tune_before_any_trial(tiny, tmp_path):
     reports, table = cfg.paths.reports, cfg.paths.hyperparameters_md
     reports.mkdir()
     table.write_text("| the table of an earlier study |\n")
-    reports.chmod(0o555)
-    try:
-        code, output = run("tune", cwd=cfg.paths.root, log=tmp_path / "tune.log", prefix=prefix)
-    finally:
-        reports.chmod(0o755)
+    code, output = run_in_read_only(reports, "tune", cwd=cfg.paths.root,
+                                    log=tmp_path / "tune.log", prefix=prefix)
     assert code == 1, output
     assert own_lines(output) == [f"unetops: error: {reports}: cannot write (Permission denied)"]
     assert "Traceback" not in output and "trial 0" not in output
