@@ -1,5 +1,6 @@
 """Stage ``train`` on tiny synthetic cases: resume after a kill, MLflow contents, outputs, errors."""
 
+import gc
 import json
 import os
 import signal
@@ -8,6 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import weakref
 import zipfile
 from pathlib import Path
 
@@ -251,6 +253,19 @@ def test_patch_size_must_fit_the_network(project):
         train.check_patch_size(project(train={"patch_size": 44}, model={"depth": 3}))
     with pytest.raises(UnetopsError, match="next size that does is"):
         train.check_patch_size(project(train={"patch_size": 48}, model={"padding": "valid"}))
+
+
+def test_a_dropped_training_dataset_frees_the_training_data(tiny):
+    # TensorFlow keeps a tf.data map's numpy_function callable for the life of the process;
+    # the sampler (all the training data) must not stay alive with it (tune: every trial).
+    cfg = tiny()
+    data = train.load_training_data(cfg)
+    dataset = train.training_dataset(data.sampler, cfg.train, 2, 0, train.EpochCounter())
+    next(iter(dataset))
+    sampler = weakref.ref(data.sampler)
+    del data, dataset
+    gc.collect()
+    assert sampler() is None
 
 
 def test_batches_are_seeded_per_epoch_and_cropped_for_valid_padding(tiny):
