@@ -1,7 +1,7 @@
 """Training throughput of the default U-Net on 48×48 patches, on this machine's CPU.
 
     python benchmarks/bench_train.py [--rounds 8] [--patches 2048] [--onednn 0|1] [--depth 3]
-                                     [--base-filters 16]
+                                     [--base-filters 16] [--precision float32]
 
 On synthetic STARE-sized cases (10 train, 2 val, 605×700 gray):
 
@@ -19,7 +19,8 @@ On synthetic STARE-sized cases (10 train, 2 val, 605×700 gray):
   process: its steady-state patches/s and peak resident memory (target ≤ 4 GiB).
 
 Op determinism is on throughout, as in ``unetops train``; the first epoch (graph tracing) is
-never timed. Exit status 1 when a target is missed. ``--onednn 0`` runs the workers with TensorFlow's oneDNN kernels off; by default
+never timed. ``--precision`` is ``train.precision`` (``mixed_bfloat16`` is a bfloat16 compute
+against the same fp32 matmul peak, so its share can pass 100 %). Exit status 1 when a target is missed. ``--onednn 0`` runs the workers with TensorFlow's oneDNN kernels off; by default
 they run as ``unetops`` does (TensorFlow's default: on).
 """
 
@@ -39,7 +40,7 @@ PATCH = 48
 
 
 def write_project(root: Path, n_train: int, n_val: int, height: int, width: int, epochs: int,
-                  patches: int, model: dict) -> None:
+                  patches: int, model: dict, precision: str = "float32") -> None:
     """STARE-sized gray cases with line 'vessels' (content does not matter for speed)."""
     import cv2
     import yaml
@@ -66,7 +67,7 @@ def write_project(root: Path, n_train: int, n_val: int, height: int, width: int,
         rows.append(f"c{i:02d},{subset},x,x,x")
     (root / "data" / "split.csv").write_text("\n".join(rows) + "\n")
     params = {"train": {"epochs": epochs, "batch_size": BATCH, "patch_size": PATCH,
-                        "patches_per_epoch": patches, "val_patches": 256},
+                        "patches_per_epoch": patches, "val_patches": 256, "precision": precision},
               "model": model, "mlflow": {"register_model": None}}
     (root / "params.yaml").write_text(yaml.safe_dump(params))
 
@@ -188,6 +189,8 @@ def main() -> int:
                         help="TF_ENABLE_ONEDNN_OPTS for the workers (default: the environment's)")
     parser.add_argument("--depth", type=int, default=3, help="model.depth")
     parser.add_argument("--base-filters", type=int, default=16, help="model.base_filters")
+    parser.add_argument("--precision", default="float32",
+                        choices=["float32", "mixed_bfloat16", "mixed_float16"], help="train.precision")
     parser.add_argument("--worker")
     parser.add_argument("--root", type=Path)
     args = parser.parse_args()
@@ -203,7 +206,8 @@ def main() -> int:
         root = Path(tmp)
         write_project(root, n_train=10, n_val=2, height=605, width=700, epochs=3,
                       patches=args.patches,
-                      model={"depth": args.depth, "base_filters": args.base_filters})
+                      model={"depth": args.depth, "base_filters": args.base_filters},
+                      precision=args.precision)
         flops, _ = run_worker("flops", root, env, args.rounds)
         compare, _ = run_worker("compare", root, env, args.rounds)
         fitted, fit_rss = run_worker("fit", root, env, args.rounds)
@@ -229,7 +233,8 @@ def main() -> int:
          "", None),
         ("peak RSS of that training run", f"{fit_rss:.2f} GiB", "≤ 4 GiB", fit_rss <= 4.0),
     ]
-    print(f"model depth {args.depth}, {args.base_filters} filters, batch norm; {PATCH}×{PATCH} patches, batch "
+    print(f"model depth {args.depth}, {args.base_filters} filters, batch norm, {args.precision}; "
+          f"{PATCH}×{PATCH} patches, batch "
           f"{BATCH}, {args.patches} patches × {args.rounds} rounds, oneDNN "
           f"{'off' if env.get('TF_ENABLE_ONEDNN_OPTS', '1') in ('0', 'false') else 'on'}, "
           f"{os.cpu_count()} CPUs")

@@ -85,3 +85,20 @@ def test_saved_model_loads_without_custom_objects(tmp_path):
 def test_dropout_levels_beyond_the_bottleneck_is_a_config_error():
     with pytest.raises(ValueError, match="dropout_levels"):
         ModelConfig(depth=2, dropout_levels=4)
+
+
+def test_mixed_precision_computes_in_half_but_keeps_float32_weights_and_output():
+    import keras
+
+    cfg = ModelConfig(depth=2, base_filters=2)
+    mixed = build_unet(1, cfg, dtype_policy="mixed_bfloat16")
+    assert keras.config.dtype_policy().name == "float32"  # the global policy is restored
+    convs = [layer for layer in mixed.layers if isinstance(layer, keras.layers.Conv2D)]
+    assert {layer.compute_dtype for layer in convs[:-1]} == {"bfloat16"}
+    assert {w.dtype for w in mixed.weights} == {"float32"}
+    x = np.random.default_rng(0).random((1, 16, 16, 1), dtype=np.float32)
+    assert mixed.predict(x, verbose=0).dtype == np.float32
+    plain = build_unet(1, cfg)
+    plain.set_weights(mixed.get_weights())
+    # bfloat16 keeps 8 bits of mantissa: the same weights give nearly the same map
+    np.testing.assert_allclose(plain.predict(x, verbose=0), mixed.predict(x, verbose=0), atol=0.05)

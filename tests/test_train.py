@@ -236,6 +236,26 @@ def test_weight_map_loss_trains_on_the_augment_weights(tiny):
     assert set(result.best) >= {"val_loss", "val_iou", "val_f1"}
 
 
+@pytest.mark.slow
+def test_mixed_precision_trains_and_saves_a_float32_model(tiny):
+    cfg = tiny(train={"precision": "mixed_bfloat16", "epochs": 1})
+    train.run(cfg)
+    model = keras.saving.load_model(cfg.paths.model, compile=False)
+    assert model.dtype_policy.name == "float32"
+    assert {layer.compute_dtype for layer in model.layers[1:]} == {"float32"}
+    assert json.loads(cfg.paths.train_summary.read_text())["epochs"] == 1
+
+
+def test_auto_precision_is_half_only_on_a_gpu(monkeypatch):
+    import tensorflow as tf
+
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: [])
+    assert train.dtype_policy("auto") == "float32"
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: ["GPU:0"])
+    assert train.dtype_policy("auto") == "mixed_float16"
+    assert train.dtype_policy("mixed_bfloat16") == "mixed_bfloat16"
+
+
 def test_weight_map_loss_without_weights_names_the_file(tiny):
     cfg = tiny(train={"loss": "weight_map"})
     with pytest.raises(UnetopsError, match=r"case0_000\.npz: no 'weight' array"):

@@ -238,12 +238,18 @@ class TrainConfig(Section):
     ``strategy`` (:mod:`unetops.distribute`): ``default`` one device, no ``tf.distribute``;
     ``mirrored`` all local GPUs; ``multi_worker`` several hosts, the cluster from ``TF_CONFIG``.
     ``batch_size`` is the global batch, split evenly over the strategy's replicas.
+    ``precision`` is the training compute dtype (Keras mixed precision: float32 variables,
+    half-precision activations and matmuls): ``auto`` is ``mixed_float16`` on a GPU and
+    ``float32`` on a CPU, where results then match the float32 figures; ``mixed_bfloat16`` pays
+    off on CPUs with native bfloat16 (AVX512_BF16 or AMX) for wide nets only
+    (``benchmarks/bench_train.py``). The saved model is float32 whatever trained it.
     """
 
     seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = 0
     epochs: Annotated[int, Field(ge=1, le=10000)] = 20
     batch_size: Annotated[int, Field(ge=1, le=4096)] = 32
     strategy: Literal["default", "mirrored", "multi_worker"] = "default"
+    precision: Literal["auto", "float32", "mixed_float16", "mixed_bfloat16"] = "auto"
     learning_rate: Annotated[float, Field(gt=0.0, le=1.0)] = 1e-3
     patch_size: Annotated[int, Field(ge=8, le=2048)] = 48
     patches_per_epoch: Annotated[int, Field(ge=1, le=10_000_000)] = 4096

@@ -10,6 +10,7 @@ without ``custom_objects``. The input is fully convolutional, ``(None, None, C)`
   :func:`valid_input_size`.
 """
 
+import contextlib
 import math
 
 import keras
@@ -72,14 +73,32 @@ def _conv_block(x, filters: int, cfg: ModelConfig, name: str):
     return x
 
 
-def build_unet(input_channels: int, cfg: ModelConfig | None = None) -> keras.Model:
+@contextlib.contextmanager
+def _dtype_policy(name: str):
+    """Layers built inside take Keras' dtype policy ``name``; the global policy is restored after."""
+    before = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(name)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(before)
+
+
+def build_unet(input_channels: int, cfg: ModelConfig | None = None,
+               dtype_policy: str = "float32") -> keras.Model:
     """The U-Net for ``input_channels``-channel images: encoder, bottleneck, decoder, sigmoid map.
 
     Layers are named by place (``enc1_conv2``, ``bottleneck_norm1``, ``dec0_up``, ``mask``) so
     summaries, weight files and MLflow's model view read like the architecture. ``cfg`` defaults
-    to ``ModelConfig()``.
+    to ``ModelConfig()``. ``dtype_policy`` (``mixed_float16``, ``mixed_bfloat16``) computes in
+    half precision; variables and the sigmoid map stay float32, so the weights of one policy load
+    into the other.
     """
-    cfg = cfg or ModelConfig()
+    with _dtype_policy(dtype_policy):
+        return _unet(input_channels, cfg or ModelConfig())
+
+
+def _unet(input_channels: int, cfg: ModelConfig) -> keras.Model:
     inputs = keras.Input((None, None, input_channels), name="image")
     x, skips = inputs, []
     for level in range(cfg.depth + 1):

@@ -296,7 +296,7 @@ def compile_model(cfg: Config, channels: int, steps_per_epoch: int, pos_weight: 
     layers), and every step is its own ``tf.function`` call: Keras 3 loops of several steps fail
     on distributed iterators (keras-team/keras#19246).
     """
-    model = build_unet(channels, cfg.model)
+    model = build_unet(channels, cfg.model, dtype_policy(cfg.train.precision))
     if replicas > 1:
         for layer in model.layers:
             if isinstance(layer, keras.layers.BatchNormalization):
@@ -312,9 +312,24 @@ def compile_model(cfg: Config, channels: int, steps_per_epoch: int, pos_weight: 
     return model
 
 
-def inference_model(model: keras.Model) -> keras.Model:
-    """The same layers and weights, uncompiled: loads anywhere without custom objects."""
-    return keras.Model(model.inputs, model.outputs, name=model.name)
+def dtype_policy(precision: str) -> str:
+    """Keras' dtype policy for ``train.precision`` (``auto``: half precision only on a GPU)."""
+    if precision == "auto":
+        return "mixed_float16" if tf.config.list_physical_devices("GPU") else "float32"
+    return precision
+
+
+def inference_model(model: keras.Model, cfg: Config) -> keras.Model:
+    """The same weights in an uncompiled float32 U-Net: loads anywhere without custom objects.
+
+    A mixed-precision model is rebuilt in float32 (its variables already are), so a model trained
+    in bfloat16 on one machine predicts at full precision, and at full speed, on any other.
+    """
+    if model.dtype_policy.name == "float32":
+        return keras.Model(model.inputs, model.outputs, name=model.name)
+    plain = build_unet(model.input_shape[-1], cfg.model)
+    plain.set_weights(model.get_weights())
+    return plain
 
 
 # --- resumable state ------------------------------------------------------------------------------
@@ -498,7 +513,7 @@ def _log_artifacts(cfg: Config, model: keras.Model, history: dict, data: Trainin
     signature = ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1, -1, channels), "image")]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1, -1, 1), "mask")]))
-    tracking.tolerant("model", mlflow.keras.log_model, inference_model(model), name="model",
+    tracking.tolerant("model", mlflow.keras.log_model, inference_model(model, cfg), name="model",
                       signature=signature, pip_requirements=_pip_requirements(),
                       registered_model_name=cfg.mlflow.register_model)
     tracking.tolerant("learning curve", mlflow.log_figure, learning_curve_figure(history),
@@ -686,7 +701,7 @@ def run(cfg: Config) -> None:
         log.info("training done; the chief worker writes the model, reports and MLflow run")
         return
     with atomic_path(cfg.paths.model) as tmp:
-        inference_model(result.model).save(tmp)
+        inference_model(result.model, cfg).save(tmp)
     tracking.write_run_id(cfg, result.run_id)
     write_json(cfg.paths.train_summary, {
         "best_epoch": result.best_epoch, "epochs": len(result.history.get("loss", [])),
