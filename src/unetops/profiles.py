@@ -14,6 +14,7 @@ from pathlib import Path
 
 import yaml
 from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedSeq
 
 from unetops.config import config_from_dict
 from unetops.errors import UnetopsError
@@ -53,12 +54,22 @@ def flat_items(data: dict, prefix: str = "") -> list[tuple[str, object]]:
 
 
 def merge_into(target: dict, overrides: dict) -> None:
-    """Deep-merge ``overrides`` into ``target`` in place (ruamel maps keep their comments)."""
+    """Deep-merge ``overrides`` into ``target`` in place (ruamel maps keep their comments).
+
+    Equal values are left untouched and lists are written in flow style, ``[4, 8, 16]``, as
+    ``params.yaml`` writes them, so applying one profile and then another restores the file.
+    """
     for key, value in overrides.items():
         if isinstance(value, dict) and value and isinstance(target.get(key), dict):
             merge_into(target[key], value)
-        else:
-            target[key] = value
+        elif target.get(key) != value:
+            target[key] = _flow_list(value) if isinstance(value, list) else value
+
+
+def _flow_list(items: list) -> CommentedSeq:
+    seq = CommentedSeq(items)
+    seq.fa.set_flow_style()
+    return seq
 
 
 def apply_profile(params_path: Path, name: str) -> list[tuple[str, object]]:
