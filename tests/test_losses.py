@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from unetops.errors import UnetopsError
-from unetops.losses import F1Score, bce, bce_dice, make_loss, soft_dice, weighted_bce
+from unetops.losses import (F1Score, bce, bce_dice, bce_tversky, make_loss, soft_dice, tversky,
+                            weighted_bce)
 
 
 def masks(n=2, size=8):
@@ -69,6 +70,32 @@ def test_bce_dice_is_the_sum_and_minimal_when_perfect():
     expected = value(bce(truth, prediction)).mean(axis=(1, 2)) + value(soft_dice(truth, prediction))
     np.testing.assert_allclose(value(bce_dice(truth, prediction)), expected, rtol=1e-5)
     assert value(bce_dice(truth, truth)).max() < 1e-5
+
+
+def test_tversky_at_one_half_is_dice_and_beta_weighs_false_negatives():
+    truth = masks()
+    prediction = np.clip(truth + 0.2, 0, 1) * 0.9
+    np.testing.assert_allclose(value(tversky(0.5)(truth, prediction)),
+                               value(soft_dice(truth, prediction)), rtol=1e-6)
+    np.testing.assert_allclose(value(tversky(0.7)(truth, truth)), 0.0, atol=1e-6)
+    missed = truth.copy()
+    missed[:, 2] = 0.0  # one row of vessel pixels missed: false negatives only
+    extra = truth.copy()
+    extra[:, 0, :4] = 1.0  # as many background pixels added: false positives only
+    assert value(tversky(0.7)(truth, missed)).mean() > value(tversky(0.7)(truth, extra)).mean()
+    assert value(tversky(0.3)(truth, missed)).mean() < value(tversky(0.3)(truth, extra)).mean()
+
+
+def test_bce_tversky_is_the_sum_and_make_loss_passes_beta():
+    truth = masks()
+    prediction = np.clip(truth + 0.2, 0, 1) * 0.9
+    expected = (value(bce(truth, prediction)).mean(axis=(1, 2))
+                + value(tversky(0.8)(truth, prediction)))
+    np.testing.assert_allclose(value(bce_tversky(0.8)(truth, prediction)), expected, rtol=1e-5)
+    np.testing.assert_allclose(value(make_loss("bce_tversky", tversky_beta=0.8)(truth, prediction)),
+                               expected, rtol=1e-5)
+    np.testing.assert_allclose(value(make_loss("tversky", tversky_beta=0.8)(truth, prediction)),
+                               value(tversky(0.8)(truth, prediction)), rtol=1e-6)
 
 
 def test_unknown_loss_is_a_user_error():

@@ -246,6 +246,48 @@ def test_mixed_precision_trains_and_saves_a_float32_model(tiny):
     assert json.loads(cfg.paths.train_summary.read_text())["epochs"] == 1
 
 
+def test_averaged_weights_are_the_averages_keras_finalizes():
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3),
+                              keras.layers.BatchNormalization(), keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.Adam(0.1, use_ema=True, ema_momentum=0.9), loss="mse")
+    x, y = np.random.default_rng(0).normal(size=(64, 4)), np.ones((64, 1))
+    model.fit(x, y, epochs=1, batch_size=8, verbose=0, callbacks=[keras.callbacks.SwapEMAWeights()],
+              validation_data=(x, y))  # fit ends by copying the averages into the model
+    for step in range(4):
+        model.train_on_batch(x[step * 8:(step + 1) * 8], y[:8])
+    raw, averaged = model.get_weights(), train.averaged_weights(model)
+    trainable = {id(v) for v in model.trainable_variables}
+    for variable, ours, theirs in zip(model.weights, raw, averaged):
+        if id(variable) in trainable:
+            assert not np.allclose(ours, theirs)
+        else:  # batch-norm statistics are not averaged
+            np.testing.assert_array_equal(ours, theirs)
+    model.optimizer.finalize_variable_values(model.trainable_variables)
+    for ours, theirs in zip(model.get_weights(), averaged):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-6)
+    plain = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    plain.compile(optimizer="adam", loss="mse")
+    for ours, theirs in zip(train.averaged_weights(plain), plain.get_weights()):
+        np.testing.assert_array_equal(ours, theirs)
+
+
+@pytest.mark.slow
+def test_weight_averaging_validates_the_averages_and_resumes_exactly(tiny):
+    cfg = tiny(train={"ema_momentum": 0.9})
+    uninterrupted = train.fit(cfg, resume=False, save=False)
+    with pytest.raises(Killed):
+        train.fit(cfg, extra_callbacks=[KillAtEpoch(1)], save=False)
+    resumed = train.fit(cfg, save=False)
+    for key in ("loss", "val_loss", "val_f1"):
+        np.testing.assert_allclose(resumed.history[key], uninterrupted.history[key], rtol=1e-6)
+    for ours, theirs in zip(resumed.model.get_weights(), uninterrupted.model.get_weights()):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=1e-7)
+    plain = train.fit(tiny(), resume=False, save=False)
+    assert not np.allclose(plain.history["val_loss"], uninterrupted.history["val_loss"])
+    assert np.allclose(plain.history["loss"][0], uninterrupted.history["loss"][0], rtol=1e-6)
+
+
 def test_auto_precision_is_half_only_on_a_gpu(monkeypatch):
     import tensorflow as tf
 

@@ -233,6 +233,10 @@ class TrainConfig(Section):
     the cosine end or the cyclic minimum; ``cycle_steps`` the cyclic half period in steps and
     ``cycle_gamma`` the exp_range decay per step (seed 002: 1e-5…1e-4, 500, 0.999).
     ``pos_weight`` (weighted_bce) null: background/vessel pixel ratio of the training FOVs.
+    ``tversky_beta`` (tversky, bce_tversky): the weight of false negatives, false positives
+    weigh 1 − β; 0.5 is Dice, Salehi et al.'s 0.7 favours recall.
+    ``ema_momentum`` (null: off) keeps an exponential moving average of the weights (Keras'
+    ``use_ema``); validation, the best epoch and the saved model then use the averaged weights.
     ``reduce_lr_patience`` / ``early_stopping_patience`` 0 switch those callbacks off;
     ``monitor`` picks the best model, early stopping and plateau detection.
     ``strategy`` (:mod:`unetops.distribute`): ``default`` one device, no ``tf.distribute``;
@@ -255,8 +259,11 @@ class TrainConfig(Section):
     patches_per_epoch: Annotated[int, Field(ge=1, le=10_000_000)] = 4096
     val_patches: Annotated[int, Field(ge=1, le=1_000_000)] = 1024
     vessel_fraction: Probability = 0.0
-    loss: Literal["bce", "weighted_bce", "weight_map", "dice", "bce_dice"] = "bce"
+    loss: Literal["bce", "weighted_bce", "weight_map", "dice", "bce_dice", "tversky",
+                  "bce_tversky"] = "bce"
     pos_weight: Annotated[float, Field(gt=0.0, le=1000.0)] | None = None
+    tversky_beta: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.7
+    ema_momentum: Annotated[float, Field(gt=0.0, lt=1.0)] | None = None
     lr_schedule: Literal["constant", "cosine", "triangular", "exp_range"] = "constant"
     lr_min: Annotated[float, Field(gt=0.0, le=1.0)] = 1e-5
     cycle_steps: Annotated[int, Field(ge=1, le=1_000_000)] = 500

@@ -40,21 +40,57 @@ def weighted_bce(pos_weight: float) -> Callable:
     return weighted_bce
 
 
-def soft_dice(y_true, y_pred):
-    """1 − soft Dice per sample: 0 for a perfect prediction, → 1 for disjoint masks."""
+def _tversky(y_true, y_pred, beta: float):
+    """1 − soft Tversky index per sample; false negatives weigh ``beta``, false positives 1 − beta.
+
+    Written as (2·TP + s) / (2·TP + 2(1 − β)·FP + 2β·FN + s), so β = 0.5 is exactly the soft Dice.
+    """
     y_true = ops.cast(y_true, y_pred.dtype)
     axes = tuple(range(1, len(y_pred.shape)))
     overlap = ops.sum(y_true * y_pred, axis=axes)
-    total = ops.sum(y_true, axis=axes) + ops.sum(y_pred, axis=axes)
-    return 1.0 - (2.0 * overlap + DICE_SMOOTH) / (total + DICE_SMOOTH)
+    false_positive = ops.sum((1.0 - y_true) * y_pred, axis=axes)
+    false_negative = ops.sum(y_true * (1.0 - y_pred), axis=axes)
+    denominator = 2.0 * (overlap + (1.0 - beta) * false_positive + beta * false_negative)
+    return 1.0 - (2.0 * overlap + DICE_SMOOTH) / (denominator + DICE_SMOOTH)
+
+
+def _bce_per_sample(y_true, y_pred):
+    return ops.mean(_pixel_bce(y_true, y_pred), axis=(1, 2))
+
+
+def soft_dice(y_true, y_pred):
+    """1 − soft Dice per sample: 0 for a perfect prediction, → 1 for disjoint masks."""
+    return _tversky(y_true, y_pred, 0.5)
 
 
 def bce_dice(y_true, y_pred):
     """BCE (mean per sample) + soft Dice: BCE's stable gradients, Dice's indifference to imbalance."""
-    return ops.mean(_pixel_bce(y_true, y_pred), axis=(1, 2)) + soft_dice(y_true, y_pred)
+    return _bce_per_sample(y_true, y_pred) + soft_dice(y_true, y_pred)
 
 
-def make_loss(name: str, pos_weight: float = 1.0) -> Callable:
+def tversky(beta: float) -> Callable:
+    """Soft Tversky loss (Salehi et al. 2017): β > 0.5 trades precision for recall.
+
+    Like Dice it drives probabilities towards 0 or 1, so the mask hardly depends on the
+    threshold; β moves where the precision/recall balance of that mask lies.
+    """
+
+    def tversky(y_true, y_pred):
+        return _tversky(y_true, y_pred, beta)
+
+    return tversky
+
+
+def bce_tversky(beta: float) -> Callable:
+    """BCE (mean per sample) + soft Tversky with false negatives weighted ``beta``."""
+
+    def bce_tversky(y_true, y_pred):
+        return _bce_per_sample(y_true, y_pred) + _tversky(y_true, y_pred, beta)
+
+    return bce_tversky
+
+
+def make_loss(name: str, pos_weight: float = 1.0, tversky_beta: float = 0.5) -> Callable:
     """The loss called ``name`` in ``train.loss``; ``weight_map`` is BCE fed per-pixel weights."""
     if name in ("bce", "weight_map"):
         return bce
@@ -64,6 +100,10 @@ def make_loss(name: str, pos_weight: float = 1.0) -> Callable:
         return soft_dice
     if name == "bce_dice":
         return bce_dice
+    if name == "tversky":
+        return tversky(tversky_beta)
+    if name == "bce_tversky":
+        return bce_tversky(tversky_beta)
     raise UnetopsError(f"train.loss: unknown loss {name!r}")
 
 

@@ -305,8 +305,12 @@ def compile_model(cfg: Config, channels: int, steps_per_epoch: int, pos_weight: 
                F1Score(name="f1")]
     if cfg.train.monitor == "val_auc":
         metrics.append(keras.metrics.AUC(name="auc"))
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate(cfg.train, steps_per_epoch)),
-                  loss=make_loss(cfg.train.loss, pos_weight), metrics=metrics,
+    ema = cfg.train.ema_momentum
+    optimizer = keras.optimizers.Adam(learning_rate(cfg.train, steps_per_epoch),
+                                      use_ema=ema is not None, ema_momentum=ema or 0.99)
+    model.compile(optimizer=optimizer,
+                  loss=make_loss(cfg.train.loss, pos_weight, cfg.train.tversky_beta),
+                  metrics=metrics,
                   steps_per_execution=1 if replicas > 1 else min(STEPS_PER_EXECUTION,
                                                                   steps_per_epoch))
     return model
@@ -392,7 +396,7 @@ class EpochTracker(keras.callbacks.Callback):
             best is None or (value > best if self.monitor in MAXIMISED else value < best))
         if improved:
             self.state.best_epoch, self.state.best_value = epoch + 1, float(value)
-            self.best_weights = self.model.get_weights()
+            self.best_weights = averaged_weights(self.model)
             if self.folder is not None:
                 save_arrays(self.folder / "best.npz",
                             **{f"w{i:04d}": w for i, w in enumerate(self.best_weights)})
@@ -402,6 +406,21 @@ class EpochTracker(keras.callbacks.Callback):
                          if k != "seconds")
         log.info(f"epoch {epoch + 1}/{self.total_epochs}: {shown} ({logs['seconds']:.1f} s)"
                  + (" best" if improved else ""))
+
+
+def averaged_weights(model: keras.Model) -> list[np.ndarray]:
+    """``model.get_weights()``, each trainable variable replaced by its moving average when the
+    optimizer keeps one (``train.ema_momentum``); batch-norm statistics stay as trained.
+
+    Keras' ``SwapEMAWeights`` swaps the averages in only while validating, so that the backup
+    ``BackupAndRestore`` writes at the epoch's end holds the raw weights and resumes exactly.
+    """
+    optimizer = getattr(model.optimizer, "inner_optimizer", model.optimizer)
+    if not getattr(optimizer, "use_ema", False):
+        return model.get_weights()
+    average = {id(variable): moving for variable, moving in
+               zip(optimizer._trainable_variables, optimizer._model_variables_moving_average)}
+    return [keras.ops.convert_to_numpy(average.get(id(w), w)) for w in model.weights]
 
 
 COLUMNS = ("loss", "iou", "f1", "auc", "val_loss", "val_iou", "val_f1", "val_auc",
@@ -550,6 +569,8 @@ def _pos_weight(train: TrainConfig, sampler: PatchSampler) -> float:
 def _optional_callbacks(train: TrainConfig, folder: Path | None) -> list[keras.callbacks.Callback]:
     mode = "max" if train.monitor in MAXIMISED else "min"
     callbacks = []
+    if train.ema_momentum is not None:  # validate the averaged weights
+        callbacks.append(keras.callbacks.SwapEMAWeights())
     if train.early_stopping_patience:
         callbacks.append(keras.callbacks.EarlyStopping(train.monitor, mode=mode,
                                                        patience=train.early_stopping_patience))
