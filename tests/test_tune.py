@@ -30,7 +30,10 @@ from unetops.config import load_config
 from unetops.errors import UnetopsError
 from unetops.hyperparameters import build_table
 from unetops.io import save_arrays, write_png
-from unetops.stages.tune import TrialRecorder, check_space, storage_url, study_name, suggest, tune
+from unetops.model import build_unet
+from unetops.stages.train import inference_model
+from unetops.stages.tune import (TrialRecorder, check_space, score_test_subset, storage_url,
+                                 study_name, suggest, tune)
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 TUNE = {
@@ -245,6 +248,17 @@ def test_table_rows_are_read_from_the_study(tune_project):
     assert table.loc[0, "trial"] == worst.number and table.loc[0, "best"]
     assert "| **5.0000** |" in cfg.paths.hyperparameters_md.read_text()
     assert yaml.safe_load(cfg.paths.best_params.read_text()) == worst.params
+
+
+def test_a_mixed_precision_trial_is_scored_as_the_float32_model_train_saves(tune_project):
+    cfg = tune_project()
+    keras.utils.set_random_seed(0)
+    half = build_unet(1, cfg.model, "mixed_bfloat16")
+    half.compile(loss=losses.bce)
+    scores = score_test_subset(half, cfg)
+    assert scores == pytest.approx(score_test_subset(inference_model(half, cfg), cfg) | {
+        "test_loss": scores["test_loss"]}, rel=1e-6)
+    assert 0.0 < scores["test_f1"] < 1.0 and scores["test_loss"] > 0.0
 
 
 def test_killed_tune_resumes_to_n_trials(tune_project):

@@ -351,17 +351,19 @@ def _set_attrs(trial: Trial, values: dict[str, float]) -> None:
 
 def score_test_subset(model, cfg: Config) -> dict[str, float]:
     """Test IoU and F1 (threshold 0.5) and the training loss of ``model``, on FOV pixels pooled
-    over the test cases, predicted exactly as ``evaluate`` predicts (whole images, native size)."""
+    over the test cases, predicted exactly as ``evaluate`` predicts (whole images, native size,
+    the float32 model ``train`` would save even when the trial trained in mixed precision)."""
     from unetops.metrics import Counts, confusion_counts, counts_metrics
     from unetops.predict import Predictor
     from unetops.preprocessing import read_split
     from unetops.stages.evaluate import predict_case
+    from unetops.stages.train import inference_model
 
     split = read_split(cfg)
     rows = split[split["subset"] == "test"].sort_values("case")
     if rows.empty:
         return {}
-    predictor = Predictor.from_config(model, cfg, name="tune: trial model")
+    predictor = Predictor.from_config(inference_model(model, cfg), cfg, name="tune: trial model")
     loss_fn = getattr(model, "loss", None)
     counts, loss_sum, loss_weight = Counts(0, 0, 0, 0), 0.0, 0.0
     for row in rows.itertuples():
