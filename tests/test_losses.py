@@ -5,8 +5,7 @@ import numpy as np
 import pytest
 
 from unetops.errors import UnetopsError
-from unetops.losses import (F1Score, bce, bce_dice, bce_tversky, make_loss, soft_dice, tversky,
-                            weighted_bce)
+from unetops.losses import F1Score, bce, bce_dice, make_loss, soft_dice, tversky, weighted_bce
 
 
 def masks(n=2, size=8):
@@ -86,16 +85,31 @@ def test_tversky_at_one_half_is_dice_and_beta_weighs_false_negatives():
     assert value(tversky(0.3)(truth, missed)).mean() < value(tversky(0.3)(truth, extra)).mean()
 
 
-def test_bce_tversky_is_the_sum_and_make_loss_passes_beta():
+def test_make_loss_passes_beta_and_adds_bce():
     truth = masks()
     prediction = np.clip(truth + 0.2, 0, 1) * 0.9
     expected = (value(bce(truth, prediction)).mean(axis=(1, 2))
                 + value(tversky(0.8)(truth, prediction)))
-    np.testing.assert_allclose(value(bce_tversky(0.8)(truth, prediction)), expected, rtol=1e-5)
     np.testing.assert_allclose(value(make_loss("bce_tversky", tversky_beta=0.8)(truth, prediction)),
                                expected, rtol=1e-5)
     np.testing.assert_allclose(value(make_loss("tversky", tversky_beta=0.8)(truth, prediction)),
                                value(tversky(0.8)(truth, prediction)), rtol=1e-6)
+    np.testing.assert_allclose(value(make_loss("dice", tversky_beta=0.8)(truth, prediction)),
+                               value(soft_dice(truth, prediction)), rtol=1e-6)
+
+
+def test_batch_dice_scores_the_batch_as_one_image():
+    truth = masks()
+    truth[1] = 0.0  # a patch without vessels
+    prediction = truth.copy()
+    prediction[1, 0, 0] = 0.5  # one weak false alarm on it
+    per_patch = value(make_loss("dice")(truth, prediction))
+    assert per_patch[0] < 1e-6 and per_patch[1] > 0.3  # the empty patch dominates
+    pooled = value(make_loss("dice", batch_dice=True)(truth, prediction))
+    assert pooled.shape == (2,) and pooled[0] == pooled[1]
+    whole = value(soft_dice(truth.reshape(1, 16, 8, 1), prediction.reshape(1, 16, 8, 1)))
+    np.testing.assert_allclose(pooled, whole[0], rtol=1e-6)
+    assert pooled[0] < 0.05
 
 
 def test_unknown_loss_is_a_user_error():

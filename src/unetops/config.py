@@ -234,7 +234,8 @@ class TrainConfig(Section):
     ``cycle_gamma`` the exp_range decay per step (seed 002: 1e-5…1e-4, 500, 0.999).
     ``pos_weight`` (weighted_bce) null: background/vessel pixel ratio of the training FOVs.
     ``tversky_beta`` (tversky, bce_tversky): the weight of false negatives, false positives
-    weigh 1 − β; 0.5 is Dice, Salehi et al.'s 0.7 favours recall.
+    weigh 1 − β; 0.5 is Dice, Salehi et al.'s 0.7 favours recall. ``batch_dice`` pools the
+    Dice/Tversky term over the batch (nnU-Net's batch Dice) instead of averaging it per patch.
     ``ema_momentum`` (null: off) keeps an exponential moving average of the weights (Keras'
     ``use_ema``); validation, the best epoch and the saved model then use the averaged weights.
     ``reduce_lr_patience`` / ``early_stopping_patience`` 0 switch those callbacks off;
@@ -263,6 +264,7 @@ class TrainConfig(Section):
                   "bce_tversky"] = "bce"
     pos_weight: Annotated[float, Field(gt=0.0, le=1000.0)] | None = None
     tversky_beta: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.7
+    batch_dice: bool = False
     ema_momentum: Annotated[float, Field(gt=0.0, lt=1.0)] | None = None
     lr_schedule: Literal["constant", "cosine", "triangular", "exp_range"] = "constant"
     lr_min: Annotated[float, Field(gt=0.0, le=1.0)] = 1e-5

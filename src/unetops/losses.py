@@ -40,22 +40,20 @@ def weighted_bce(pos_weight: float) -> Callable:
     return weighted_bce
 
 
-def _tversky(y_true, y_pred, beta: float):
+def _tversky(y_true, y_pred, beta: float, pooled: bool = False):
     """1 − soft Tversky index per sample; false negatives weigh ``beta``, false positives 1 − beta.
 
     Written as (2·TP + s) / (2·TP + 2(1 − β)·FP + 2β·FN + s), so β = 0.5 is exactly the soft Dice.
+    ``pooled``: one index over the whole batch (nnU-Net's batch Dice), repeated for every sample.
     """
     y_true = ops.cast(y_true, y_pred.dtype)
-    axes = tuple(range(1, len(y_pred.shape)))
+    axes = tuple(range(0 if pooled else 1, len(y_pred.shape)))
     overlap = ops.sum(y_true * y_pred, axis=axes)
     false_positive = ops.sum((1.0 - y_true) * y_pred, axis=axes)
     false_negative = ops.sum(y_true * (1.0 - y_pred), axis=axes)
     denominator = 2.0 * (overlap + (1.0 - beta) * false_positive + beta * false_negative)
-    return 1.0 - (2.0 * overlap + DICE_SMOOTH) / (denominator + DICE_SMOOTH)
-
-
-def _bce_per_sample(y_true, y_pred):
-    return ops.mean(_pixel_bce(y_true, y_pred), axis=(1, 2))
+    loss = 1.0 - (2.0 * overlap + DICE_SMOOTH) / (denominator + DICE_SMOOTH)
+    return ops.ones_like(y_pred[:, 0, 0, 0]) * loss if pooled else loss
 
 
 def soft_dice(y_true, y_pred):
@@ -63,48 +61,44 @@ def soft_dice(y_true, y_pred):
     return _tversky(y_true, y_pred, 0.5)
 
 
-def bce_dice(y_true, y_pred):
-    """BCE (mean per sample) + soft Dice: BCE's stable gradients, Dice's indifference to imbalance."""
-    return _bce_per_sample(y_true, y_pred) + soft_dice(y_true, y_pred)
-
-
-def tversky(beta: float) -> Callable:
+def tversky(beta: float, pooled: bool = False) -> Callable:
     """Soft Tversky loss (Salehi et al. 2017): β > 0.5 trades precision for recall.
 
     Like Dice it drives probabilities towards 0 or 1, so the mask hardly depends on the
-    threshold; β moves where the precision/recall balance of that mask lies.
+    threshold. Per patch, a patch with no vessel makes any false positive cost nearly the whole
+    loss; ``pooled`` (``train.batch_dice``) scores the batch as one image instead.
     """
 
     def tversky(y_true, y_pred):
-        return _tversky(y_true, y_pred, beta)
+        return _tversky(y_true, y_pred, beta, pooled)
 
     return tversky
 
 
-def bce_tversky(beta: float) -> Callable:
-    """BCE (mean per sample) + soft Tversky with false negatives weighted ``beta``."""
+def plus_bce(region: Callable) -> Callable:
+    """BCE (mean per sample) + a region loss: BCE's stable gradients, the region term's
+    indifference to class imbalance."""
 
-    def bce_tversky(y_true, y_pred):
-        return _bce_per_sample(y_true, y_pred) + _tversky(y_true, y_pred, beta)
+    def bce_and_region(y_true, y_pred):
+        return ops.mean(_pixel_bce(y_true, y_pred), axis=(1, 2)) + region(y_true, y_pred)
 
-    return bce_tversky
+    return bce_and_region
 
 
-def make_loss(name: str, pos_weight: float = 1.0, tversky_beta: float = 0.5) -> Callable:
+bce_dice = plus_bce(soft_dice)
+
+
+def make_loss(name: str, pos_weight: float = 1.0, tversky_beta: float = 0.5,
+              batch_dice: bool = False) -> Callable:
     """The loss called ``name`` in ``train.loss``; ``weight_map`` is BCE fed per-pixel weights."""
     if name in ("bce", "weight_map"):
         return bce
     if name == "weighted_bce":
         return weighted_bce(pos_weight)
-    if name == "dice":
-        return soft_dice
-    if name == "bce_dice":
-        return bce_dice
-    if name == "tversky":
-        return tversky(tversky_beta)
-    if name == "bce_tversky":
-        return bce_tversky(tversky_beta)
-    raise UnetopsError(f"train.loss: unknown loss {name!r}")
+    if name not in ("dice", "bce_dice", "tversky", "bce_tversky"):
+        raise UnetopsError(f"train.loss: unknown loss {name!r}")
+    region = tversky(0.5 if name.endswith("dice") else tversky_beta, batch_dice)
+    return plus_bce(region) if name.startswith("bce_") else region
 
 
 class F1Score(keras.metrics.Metric):

@@ -309,7 +309,8 @@ def compile_model(cfg: Config, channels: int, steps_per_epoch: int, pos_weight: 
     optimizer = keras.optimizers.Adam(learning_rate(cfg.train, steps_per_epoch),
                                       use_ema=ema is not None, ema_momentum=ema or 0.99)
     model.compile(optimizer=optimizer,
-                  loss=make_loss(cfg.train.loss, pos_weight, cfg.train.tversky_beta),
+                  loss=make_loss(cfg.train.loss, pos_weight, cfg.train.tversky_beta,
+                                 cfg.train.batch_dice),
                   metrics=metrics,
                   steps_per_execution=1 if replicas > 1 else min(STEPS_PER_EXECUTION,
                                                                   steps_per_epoch))
