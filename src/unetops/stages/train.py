@@ -5,8 +5,8 @@ preprocessed validation cases ``data/preprocessed/<case>.npz``. Every epoch draw
 from a generator seeded by ``(train.seed, epoch, step)``, through a prefetching ``tf.data``
 pipeline (the next batch is sampled while the current one trains); the validation metric (``train.monitor``) is computed on one fixed, seeded
 set of validation patches, and the best epoch's weights become ``models/model.keras`` (uncompiled,
-built-in layers only). Seeds plus TensorFlow op determinism make the same params give the same
-weights on CPU.
+built-in layers only). Seeds, TensorFlow op determinism and one op at a time (``unetops``
+sets ``TF_NUM_INTEROP_THREADS=1``) make the same params give the same weights on a CPU.
 
 A killed run resumes: Keras ``BackupAndRestore`` keeps weights and optimizer in
 ``models/checkpoints/backup`` and this module keeps the history, the best weights and the MLflow
