@@ -92,6 +92,8 @@ def test_isbi2012_reports_pixel_error_and_rand_error_of_the_test_slices():
     assert block["pixel_error"] == pytest.approx(1 - metrics["accuracy"])
     assert block["foreground_f1"] == metrics["f1"]
     assert 0 < block["rand_error"] < 0.5
+    assert block["pixel_error_swept"] == pytest.approx(wrong)        # binary maps: any level
+    assert block["pixel_error_fscore"] > 0 and block["rand_error_swept"] <= block["rand_error"]
     assert "isbi2012" not in summarize(results, "drive")["metrics"]
 
 

@@ -5,7 +5,8 @@ import pytest
 from sklearn import metrics as skm
 
 from unetops.metrics import (average_precision, best_f1_threshold, confusion_counts, counts_metrics,
-                             curve_points, pixel_metrics, rand_error, ranking_curve, roc_auc)
+                             curve_points, isbi_swept_errors, pixel_metrics, rand_error,
+                             ranking_curve, roc_auc)
 
 
 @pytest.fixture(params=[0, 1, 2])
@@ -99,3 +100,31 @@ def test_rand_error_is_zero_for_the_truth_and_grows_when_cells_merge():
     one = rand_error(merged, truth)
     merged[16, :] = 0.0
     assert 0.0 < one < rand_error(merged, truth) <= 1.0
+
+
+def test_isbi_swept_errors_take_the_best_of_the_challenges_ten_thresholds():
+    truth = membrane_grid()
+    faint = np.where(truth, 0.35, 0.2)            # right at 0.3 or 0.4, all-cell at 0.5
+    swept = isbi_swept_errors([faint, faint], [truth, truth])
+    assert swept["pixel_error_swept"] == 0.0 and swept["pixel_error_fscore"] == 0.0
+    assert swept["pixel_error_swept_threshold"] in (0.3, 0.4)
+    assert swept["rand_error_swept"] == pytest.approx(0.0)
+    assert rand_error(faint, truth) > 0.5                   # at 0.5 every cell fuses into one
+
+
+def test_isbi_swept_errors_match_scikit_learn_at_every_level():
+    from sklearn.metrics import accuracy_score, f1_score
+
+    rng = np.random.default_rng(3)
+    truths = [membrane_grid() for _ in range(2)]
+    maps = [np.clip(t * 0.6 + rng.normal(0.2, 0.2, t.shape), 0, 1) for t in truths]
+    swept = isbi_swept_errors(maps, truths)
+    cells = ~np.concatenate([t.ravel() for t in truths])
+    scores = np.concatenate([m.ravel() for m in maps])
+    levels = [level / 10 for level in range(10)]                # the challenge's, on 1 - p
+    errors = [1 - accuracy_score(cells, (1 - scores) > level) for level in levels]
+    fscores = [f1_score(cells, (1 - scores) > level) for level in levels]
+    assert swept["pixel_error_swept"] == pytest.approx(min(errors), abs=1e-12)
+    assert swept["pixel_error_fscore"] == pytest.approx(1 - max(fscores), abs=1e-12)
+    assert swept["pixel_error_swept_threshold"] == pytest.approx(1 - levels[int(np.argmin(errors))])
+    assert 0 < swept["pixel_error_swept"] < 1 - accuracy_score(~cells, scores >= 0.5) + 1e-12

@@ -9,15 +9,17 @@ of the map binarised at p >= threshold, for two thresholds:
 
 - 0.5, the top-level keys of ``reports/metrics.json`` (``threshold: 0.5``);
 - the threshold that maximises F1 on the pooled *validation* pixels, applied unchanged to test
-  (``val_best_threshold`` block). Test pixels never choose anything.
+  (``val_best_threshold`` block). Test pixels never choose anything (but in ISBI 2012's swept
+  errors, below, which reproduce the challenge's own rule).
 
 Beside them: ``per_image`` (mean and sample SD over test images, FOV, 0.5), ``val`` (validation
 metrics at 0.5; ``evaluate.champion_metric`` of it decides promotion) and, for STARE, ``seed000``:
 seed 000's protocol — prediction and ground truth resized to 512×512 (area interpolation), the
 prediction binarised at p > 0.1, the resized truth min-max scaled and binarised at > 0.1, all
 pixels (no FOV), precision, recall, IoU, accuracy and F1 per image, then averaged. For ISBI 2012,
-``isbi2012``: pixel error, adapted Rand error and membrane F1 on the held-out slices
-(:func:`isbi_metrics`).
+``isbi2012``: pixel error, adapted Rand error and membrane F1 on the held-out slices at 0.5, and
+the pixel and Rand errors the way the challenge scored them, best of 10 thresholds chosen on the
+test labels (:func:`isbi_metrics`).
 
 Outputs: ``data/predictions/<case>.png`` (16-bit, round(p × 65535), native size; validation and
 test cases), ``reports/metrics.json``, ``reports/per_image.csv`` (one row per case and protocol),
@@ -44,7 +46,7 @@ from unetops.io import (atomic_dir, load_arrays, read_image, read_mask, write_cs
                         write_png)
 from unetops.metrics import (ALL_METRICS, THRESHOLD_METRICS, Counts, average_precision,
                              best_f1_threshold, confusion_counts, counts_metrics, curve_points,
-                             rand_error, ranking_curve, roc_auc)
+                             isbi_swept_errors, rand_error, ranking_curve, roc_auc)
 from unetops.overlays import error_overlay
 from unetops.predict import Predictor, load_model, probability_to_uint16, resize_probability
 from unetops.preprocessing import read_split
@@ -189,12 +191,14 @@ def summarize(results: list[CaseResult], dataset: str, n_curve_points: int = 200
 
 
 def isbi_metrics(test: list[CaseResult], pooled_metrics: dict) -> dict:
-    """ISBI 2012's own measures on the held-out slices: pixel error (1 - accuracy, all pixels,
-    threshold 0.5, as the U-Net paper reports), mean adapted Rand error, membrane F1."""
+    """ISBI 2012's own measures on the held-out slices: at 0.5 like every other metric, the pixel
+    error (1 - accuracy, all pixels), mean adapted Rand error and membrane F1; and the errors as
+    the challenge scored them, each the best of its 10 thresholds (:func:`isbi_swept_errors`)."""
     return {"pixel_error": 1.0 - pooled_metrics["accuracy"],
             "rand_error": float(np.mean([rand_error(r.probability, r.truth, FIXED_THRESHOLD)
                                          for r in test])),
-            "foreground_f1": pooled_metrics["f1"], "threshold": FIXED_THRESHOLD}
+            "foreground_f1": pooled_metrics["f1"], "threshold": FIXED_THRESHOLD,
+            **isbi_swept_errors([r.probability for r in test], [r.truth for r in test])}
 
 
 def _json_safe(tree):
@@ -214,7 +218,9 @@ def flat_metrics(metrics: dict) -> dict[str, float]:
               "val_best_threshold": ("eval_test_valbest_", (*THRESHOLD_METRICS, "threshold")),
               "per_image": ("eval_test_image_", tuple(metrics.get("per_image", {}))),
               "seed000": ("eval_seed000_", SEED000_METRICS),
-              "isbi2012": ("eval_isbi2012_", ("pixel_error", "rand_error", "foreground_f1"))}
+              "isbi2012": ("eval_isbi2012_", ("pixel_error", "rand_error", "foreground_f1",
+                                              "pixel_error_swept", "pixel_error_fscore",
+                                              "rand_error_swept"))}
     for block, (prefix, names) in blocks.items():
         for name in names if block in metrics else ():
             flat[prefix + name] = metrics[block][name]
