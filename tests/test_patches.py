@@ -1,9 +1,9 @@
-"""The patch sampler: shapes, centres in the FOV / on vessels, exact crops, padding, seeding."""
+"""The patch sampler: shapes, centres in the FOV / on vessels, exact crops, padding, seeding, symmetries."""
 
 import numpy as np
 import pytest
 
-from unetops.patches import PatchSampler, sample_patches
+from unetops.patches import PatchSampler, random_dihedral, sample_patches
 
 
 def case(height=40, width=50, channels=1, seed=0):
@@ -87,3 +87,31 @@ def test_foreground_fraction_and_mismatched_inputs():
         PatchSampler([image], [mask[:-1]], [fov], 8)
     with pytest.raises(ValueError, match="channels"):
         PatchSampler([image, np.zeros((40, 50, 3), np.float32)], [mask, mask], [fov, fov], 8)
+
+
+def _symmetries(patch: np.ndarray) -> list[np.ndarray]:
+    """The 8 images of a square patch under rotations by 90° and mirrorings."""
+    turns = [np.rot90(patch, k) for k in range(4)]
+    return turns + [np.flip(turn, 0) for turn in turns]
+
+
+def test_random_dihedral_maps_image_mask_and_weights_by_one_symmetry_each():
+    image, mask, fov = case(channels=2)
+    x, y, w = sample_patches([image], [mask], [fov], 200, 8, np.random.default_rng(5),
+                             weights=[image[..., 0] * 3])
+    tx, ty, tw = random_dihedral((x, y, w), np.random.default_rng(6))
+    assert (tx.shape, ty.shape, tw.shape) == (x.shape, y.shape, w.shape)
+    used = set()
+    for patch, labels, weights, moved, moved_labels, moved_weights in zip(x, y, w, tx, ty, tw):
+        matches = [k for k, image_k in enumerate(_symmetries(patch))
+                   if np.array_equal(image_k, moved)]
+        assert len(matches) == 1  # random pixels: no two symmetries of a patch coincide
+        k = matches[0]
+        np.testing.assert_array_equal(_symmetries(labels)[k], moved_labels)
+        np.testing.assert_array_equal(_symmetries(weights)[k], moved_weights)
+        used.add(k)
+    assert used == set(range(8))
+    np.testing.assert_array_equal(x, sample_patches([image], [mask], [fov], 200, 8,
+                                                    np.random.default_rng(5))[0])  # input intact
+    again = random_dihedral((x, y, w), np.random.default_rng(6))
+    np.testing.assert_array_equal(again[0], tx)

@@ -383,6 +383,27 @@ def test_batches_are_seeded_per_epoch_and_cropped_for_valid_padding(tiny):
     assert not np.array_equal(x, other)
 
 
+def test_dihedral_batches_are_the_plain_batches_flipped_and_turned(tiny):
+    cfg = tiny()
+    data = train.load_training_data(cfg)
+    batches = {}
+    for dihedral in (False, True):
+        settings = cfg.train.model_copy(update={"dihedral": dihedral})
+        dataset = train.training_dataset(data.sampler, settings, 1, 0, train.EpochCounter())
+        batches[dihedral] = [t.numpy() for t in next(iter(dataset))]
+    (x, y), (tx, ty) = batches[False], batches[True]
+    moved = 0
+    for patch, labels, turned, turned_labels in zip(x, y, tx, ty):
+        views = [np.rot90(patch, k) for k in range(4)]
+        views += [np.flip(view, 0) for view in views]
+        k = next(k for k, view in enumerate(views) if np.array_equal(view, turned))
+        label_views = [np.rot90(labels, k) for k in range(4)]
+        label_views += [np.flip(view, 0) for view in label_views]
+        np.testing.assert_array_equal(label_views[k], turned_labels)
+        moved += k != 0
+    assert moved > 0
+
+
 def test_cyclic_learning_rate_triangular_and_exp_range():
     triangular = train.CyclicLearningRate(1e-5, 1e-4, half_period=10, mode="triangular")
     rates = [float(triangular(step)) for step in (0, 5, 10, 20, 30)]

@@ -229,6 +229,8 @@ class TrainConfig(Section):
 
     ``patch_size`` is the network's input; with ``model.padding: valid`` the labels are the
     centred output window. ``patches_per_epoch`` is rounded down to whole batches.
+    ``dihedral`` maps every training patch by a random flip / 90° rotation
+    (:func:`unetops.patches.random_dihedral`); validation patches are left as drawn.
     ``learning_rate`` is the constant rate, the cosine start or the cyclic maximum; ``lr_min``
     the cosine end or the cyclic minimum; ``cycle_steps`` the cyclic half period in steps and
     ``cycle_gamma`` the exp_range decay per step (seed 002: 1e-5…1e-4, 500, 0.999).
@@ -260,6 +262,7 @@ class TrainConfig(Section):
     patches_per_epoch: Annotated[int, Field(ge=1, le=10_000_000)] = 4096
     val_patches: Annotated[int, Field(ge=1, le=1_000_000)] = 1024
     vessel_fraction: Probability = 0.0
+    dihedral: bool = False
     loss: Literal["bce", "weighted_bce", "weight_map", "dice", "bce_dice", "tversky",
                   "bce_tversky"] = "bce"
     pos_weight: Annotated[float, Field(gt=0.0, le=1000.0)] | None = None

@@ -48,7 +48,7 @@ from unetops.io import atomic_path, load_arrays, save_arrays, write_csv, write_j
 from unetops.losses import F1Score, make_loss
 from unetops.model import build_unet, input_multiple, output_margin, valid_input_size
 from unetops.overlays import error_overlay, grayscale
-from unetops.patches import PatchSampler
+from unetops.patches import PatchSampler, random_dihedral
 
 MAXIMISED = {"val_iou", "val_f1", "val_auc"}
 LOGGED_SECTIONS = ("data", "split", "preprocess", "augment", "model", "train", "mlflow")
@@ -220,6 +220,8 @@ def training_dataset(sampler: PatchSampler, train: TrainConfig, steps: int, marg
     def draw(step):
         rng = np.random.default_rng([train.seed, TRAIN_STREAM, epoch.value, int(step)])
         arrays = held().sample(train.batch_size, rng, train.vessel_fraction)
+        if train.dihedral:
+            arrays = random_dihedral(arrays, rng)
         return (arrays[0],) + tuple(_crop(a, margin) for a in arrays[1:])
 
     out = train.patch_size - 2 * margin
