@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from unetops.errors import UnetopsError
-from unetops.losses import F1Score, bce, bce_dice, make_loss, soft_dice, tversky, weighted_bce
+from unetops.losses import (F1Score, LastMap, bce, bce_dice, make_loss, on_every_map, soft_dice,
+                             tversky, weighted_bce)
 
 
 def masks(n=2, size=8):
@@ -126,3 +127,20 @@ def test_f1_pools_counts_and_honours_pixel_weights():
     metric.reset_state()
     metric.update_state(truth, prediction, sample_weight=np.array([[[1, 1, 0, 0, 1]]], np.float32))
     assert float(metric.result()) == pytest.approx(1.0)
+
+
+def test_every_map_loss_averages_each_map_against_the_mask_and_metrics_read_the_last():
+    truth = masks()
+    rng = np.random.default_rng(1)
+    first, second = (rng.random(truth.shape).astype(np.float32) for _ in range(2))
+    stacked = np.concatenate([first, second], axis=-1)
+    for loss in (bce, make_loss("bce_tversky", tversky_beta=0.6)):
+        expected = (value(loss(truth, first)) + value(loss(truth, second))) / 2
+        np.testing.assert_allclose(value(on_every_map(loss)(truth, stacked)), expected, rtol=1e-6)
+    metric, reference = LastMap(F1Score()), F1Score()
+    assert metric.name == "f1"
+    metric.update_state(truth, stacked)
+    reference.update_state(truth, second)
+    assert float(metric.result()) == pytest.approx(float(reference.result()))
+    metric.reset_state()
+    assert float(metric.result()) == 0.0

@@ -1,4 +1,4 @@
-"""The U-Net builder: output sizes for same/valid padding, the seeds' variants, saving."""
+"""The U-Net builder: output sizes for same/valid padding, the seeds' variants, IterNet refinement, saving."""
 
 import numpy as np
 import pytest
@@ -102,3 +102,31 @@ def test_mixed_precision_computes_in_half_but_keeps_float32_weights_and_output()
     plain.set_weights(mixed.get_weights())
     # bfloat16 keeps 8 bits of mantissa: the same weights give nearly the same map
     np.testing.assert_allclose(plain.predict(x, verbose=0), mixed.predict(x, verbose=0), atol=0.05)
+
+
+def test_refinement_passes_share_one_small_unet_and_output_the_last_map(tmp_path):
+    import keras
+
+    cfg = ModelConfig(depth=1, base_filters=4, refine_passes=2, refine_depth=3, refine_filters=2)
+    assert input_multiple(cfg) == 8  # the refiner pools deeper than the U-Net
+    every = build_unet(3, cfg, every_map=True)
+    last = build_unet(3, cfg)
+    plain = build_unet(3, cfg.model_copy(update={"refine_passes": 0}))
+    refiner = every.get_layer("refiner")
+    assert refiner.input_shape[-1] == 3 + 1 + 4  # image, previous map, the U-Net's features
+    assert every.count_params() == plain.count_params() + refiner.count_params()  # shared
+    assert last.count_params() == every.count_params()
+    x = np.random.default_rng(0).random((2, 16, 16, 3), dtype=np.float32)
+    last.set_weights(every.get_weights())
+    maps = every.predict(x, verbose=0)
+    assert maps.shape == (2, 16, 16, 3)
+    np.testing.assert_allclose(last.predict(x, verbose=0), maps[..., -1:], atol=1e-6)
+    assert not np.allclose(maps[..., 0], maps[..., -1])  # the passes change the map
+    last.save(tmp_path / "model.keras")
+    loaded = keras.saving.load_model(tmp_path / "model.keras", compile=False)
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), maps[..., -1:], atol=1e-6)
+
+
+def test_refinement_needs_same_padding():
+    with pytest.raises(ValueError, match="refine_passes needs padding same"):
+        ModelConfig(padding="valid", refine_passes=1)

@@ -246,6 +246,19 @@ def test_mixed_precision_trains_and_saves_a_float32_model(tiny):
     assert json.loads(cfg.paths.train_summary.read_text())["epochs"] == 1
 
 
+@pytest.mark.slow
+def test_refined_model_trains_every_map_and_saves_the_last(tiny):
+    cfg = tiny(model={"refine_passes": 1, "refine_depth": 1, "refine_filters": 2},
+               train={"epochs": 1})
+    result = train.fit(cfg, resume=False, save=False)
+    assert result.model.output_shape[-1] == 2 and set(result.best) >= {"val_f1", "val_iou"}
+    saved = train.inference_model(result.model, cfg)
+    x = np.random.default_rng(0).random((1, 32, 32, 1), dtype=np.float32)
+    assert saved.output_shape[-1] == 1
+    np.testing.assert_allclose(saved.predict(x, verbose=0),
+                               result.model.predict(x, verbose=0)[..., -1:], atol=1e-6)
+
+
 def test_averaged_weights_are_the_averages_keras_finalizes():
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3),

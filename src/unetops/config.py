@@ -204,7 +204,10 @@ class ModelConfig(Section):
     0.5 on 2). ``valid`` padding crops the skips as in the U-Net paper and shrinks the output by
     ``unetops.model.output_margin`` px per side. Defaults (depth 3, 16 filters, batch norm,
     transposed convolutions, same padding) are the ones measured for a laptop CPU
-    (benchmarks/bench_train.py).
+    (benchmarks/bench_train.py). ``refine_passes`` > 0 appends IterNet's refinement (Li et al.,
+    2020): a small U-Net (``refine_depth`` poolings, ``refine_filters`` base filters, otherwise
+    the same settings) run that many times with shared weights on the image, the previous map
+    and the U-Net's last features; training supervises every map, the saved model outputs the last.
     """
 
     depth: Annotated[int, Field(ge=1, le=6)] = 3
@@ -216,11 +219,16 @@ class ModelConfig(Section):
     dropout_levels: Annotated[int, Field(ge=0, le=7)] = 1
     upsampling: Literal["transpose", "bilinear"] = "transpose"
     padding: Literal["same", "valid"] = "same"
+    refine_passes: Annotated[int, Field(ge=0, le=8)] = 0
+    refine_depth: Annotated[int, Field(ge=1, le=6)] = 2
+    refine_filters: Annotated[int, Field(ge=1, le=256)] = 16
 
     @model_validator(mode="after")
     def _dropout_levels_exist(self):
         if self.dropout_levels > self.depth + 1:
             raise ValueError(f"dropout_levels must be at most depth + 1 ({self.depth + 1})")
+        if self.refine_passes and self.padding != "same":
+            raise ValueError("refine_passes needs padding same (every pass keeps the map's size)")
         return self
 
 

@@ -138,3 +138,35 @@ class F1Score(keras.metrics.Metric):
 
     def get_config(self):
         return super().get_config() | {"threshold": self.threshold}
+
+
+def on_every_map(loss: Callable) -> Callable:
+    """``loss`` averaged over the maps stacked on the last axis (deep supervision of IterNet's passes).
+
+    Each map is scored on its own against the one mask, so a pixel- or region-wise ``loss``
+    keeps its meaning and its output shape.
+    """
+
+    def every_map(y_true, y_pred):
+        maps = y_pred.shape[-1]
+        return sum(loss(y_true, y_pred[..., i:i + 1]) for i in range(maps)) / maps
+
+    every_map.__name__ = f"{getattr(loss, '__name__', 'loss')}_every_map"
+    return every_map
+
+
+class LastMap(keras.metrics.Metric):
+    """``metric`` of the last map stacked on the last axis: the one the saved model outputs."""
+
+    def __init__(self, metric: keras.metrics.Metric, **kwargs):
+        super().__init__(name=metric.name, **kwargs)
+        self.metric = metric
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        self.metric.update_state(y_true, y_pred[..., -1:], sample_weight)
+
+    def result(self):
+        return self.metric.result()
+
+    def reset_state(self):
+        self.metric.reset_state()

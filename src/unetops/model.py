@@ -33,8 +33,9 @@ def output_margin(cfg: ModelConfig) -> int:
 
 
 def input_multiple(cfg: ModelConfig) -> int:
-    """Input height and width must be a multiple of this for ``same`` padding (``2 ** depth``)."""
-    return 2 ** cfg.depth
+    """Input height and width must be a multiple of this for ``same`` padding (``2 ** depth``,
+    or of the refinement U-Net's depth if deeper)."""
+    return 2 ** max(cfg.depth, cfg.refine_depth if cfg.refine_passes else 0)
 
 
 def valid_input_size(cfg: ModelConfig, at_least: int) -> int:
@@ -85,20 +86,44 @@ def _dtype_policy(name: str):
 
 
 def build_unet(input_channels: int, cfg: ModelConfig | None = None,
-               dtype_policy: str = "float32") -> keras.Model:
+               dtype_policy: str = "float32", every_map: bool = False) -> keras.Model:
     """The U-Net for ``input_channels``-channel images: encoder, bottleneck, decoder, sigmoid map.
 
     Layers are named by place (``enc1_conv2``, ``bottleneck_norm1``, ``dec0_up``, ``mask``) so
     summaries, weight files and MLflow's model view read like the architecture. ``cfg`` defaults
     to ``ModelConfig()``. ``dtype_policy`` (``mixed_float16``, ``mixed_bfloat16``) computes in
     half precision; variables and the sigmoid map stay float32, so the weights of one policy load
-    into the other.
+    into the other. With ``cfg.refine_passes`` the U-Net's map is refined (:func:`_refined`);
+    ``every_map`` then stacks the U-Net's map and every pass's on the channel axis, the last
+    pass last, for training to supervise them all. Either way the weights are the same, in the
+    same order.
     """
+    cfg = cfg or ModelConfig()
     with _dtype_policy(dtype_policy):
-        return _unet(input_channels, cfg or ModelConfig())
+        unet = _unet(input_channels, cfg)
+        return _refined(unet, cfg, every_map) if cfg.refine_passes else unet
 
 
-def _unet(input_channels: int, cfg: ModelConfig) -> keras.Model:
+def _refined(unet: keras.Model, cfg: ModelConfig, every_map: bool) -> keras.Model:
+    """IterNet (Li et al., 2020): one small U-Net, weights shared, run ``refine_passes`` times.
+
+    Each pass sees the image, the previous pass's map and the U-Net's last decoder features, so
+    it can mend a broken vessel from the map alone while the features keep what the map lost.
+    """
+    features = unet.get_layer(f"dec0_relu{cfg.convs_per_level}").output
+    small = cfg.model_copy(update={"depth": cfg.refine_depth, "base_filters": cfg.refine_filters,
+                                   "dropout": 0.0, "refine_passes": 0})
+    refiner = _unet(unet.input_shape[-1] + 1 + features.shape[-1], small, model_name="refiner")
+    maps = [unet.output]
+    for step in range(1, cfg.refine_passes + 1):
+        inputs = layers.Concatenate(name=f"pass{step}_input")([unet.input, maps[-1], features])
+        maps.append(refiner(inputs))
+    output = (layers.Concatenate(name="every_map", dtype="float32")(maps) if every_map
+              else maps[-1])
+    return keras.Model(unet.input, output, name="iternet")
+
+
+def _unet(input_channels: int, cfg: ModelConfig, model_name: str = "unet") -> keras.Model:
     inputs = keras.Input((None, None, input_channels), name="image")
     x, skips = inputs, []
     for level in range(cfg.depth + 1):
@@ -122,4 +147,4 @@ def _unet(input_channels: int, cfg: ModelConfig) -> keras.Model:
         x = layers.Concatenate(name=f"dec{level}_concat")([skip, x])
         x = _conv_block(x, filters, cfg, f"dec{level}")
     outputs = layers.Conv2D(1, 1, activation="sigmoid", dtype="float32", name="mask")(x)
-    return keras.Model(inputs, outputs, name="unet")
+    return keras.Model(inputs, outputs, name=model_name)

@@ -45,7 +45,7 @@ from unetops.console import log
 from unetops.errors import UnetopsError
 from unetops.preprocessing import read_split
 from unetops.io import atomic_path, load_arrays, save_arrays, write_csv, write_json
-from unetops.losses import F1Score, make_loss
+from unetops.losses import F1Score, LastMap, make_loss, on_every_map
 from unetops.model import build_unet, input_multiple, output_margin, valid_input_size
 from unetops.overlays import error_overlay, grayscale
 from unetops.patches import PatchSampler, random_dihedral
@@ -298,7 +298,8 @@ def compile_model(cfg: Config, channels: int, steps_per_epoch: int, pos_weight: 
     layers), and every step is its own ``tf.function`` call: Keras 3 loops of several steps fail
     on distributed iterators (keras-team/keras#19246).
     """
-    model = build_unet(channels, cfg.model, dtype_policy(cfg.train.precision))
+    refined = cfg.model.refine_passes > 0
+    model = build_unet(channels, cfg.model, dtype_policy(cfg.train.precision), every_map=refined)
     if replicas > 1:
         for layer in model.layers:
             if isinstance(layer, keras.layers.BatchNormalization):
@@ -307,13 +308,13 @@ def compile_model(cfg: Config, channels: int, steps_per_epoch: int, pos_weight: 
                F1Score(name="f1")]
     if cfg.train.monitor == "val_auc":
         metrics.append(keras.metrics.AUC(name="auc"))
+    loss = make_loss(cfg.train.loss, pos_weight, cfg.train.tversky_beta, cfg.train.batch_dice)
+    if refined:  # every pass's map is trained; the metrics judge the last, the saved model's
+        loss, metrics = on_every_map(loss), [LastMap(metric) for metric in metrics]
     ema = cfg.train.ema_momentum
     optimizer = keras.optimizers.Adam(learning_rate(cfg.train, steps_per_epoch),
                                       use_ema=ema is not None, ema_momentum=ema or 0.99)
-    model.compile(optimizer=optimizer,
-                  loss=make_loss(cfg.train.loss, pos_weight, cfg.train.tversky_beta,
-                                 cfg.train.batch_dice),
-                  metrics=metrics,
+    model.compile(optimizer=optimizer, loss=loss, metrics=metrics,
                   steps_per_execution=1 if replicas > 1 else min(STEPS_PER_EXECUTION,
                                                                   steps_per_epoch))
     return model
@@ -330,9 +331,10 @@ def inference_model(model: keras.Model, cfg: Config) -> keras.Model:
     """The same weights in an uncompiled float32 U-Net: loads anywhere without custom objects.
 
     A mixed-precision model is rebuilt in float32 (its variables already are), so a model trained
-    in bfloat16 on one machine predicts at full precision, and at full speed, on any other.
+    in bfloat16 on one machine predicts at full precision, and at full speed, on any other; a
+    refined one is rebuilt to output its last map only.
     """
-    if model.dtype_policy.name == "float32":
+    if model.dtype_policy.name == "float32" and not cfg.model.refine_passes:
         return keras.Model(model.inputs, model.outputs, name=model.name)
     plain = build_unet(model.input_shape[-1], cfg.model)
     plain.set_weights(model.get_weights())
@@ -541,7 +543,7 @@ def _log_artifacts(cfg: Config, model: keras.Model, history: dict, data: Trainin
     tracking.tolerant("learning curve", mlflow.log_figure, learning_curve_figure(history),
                       "plots/learning_curve.png")
     sample_x = data.val_x[:OVERLAY_PATCHES]
-    probabilities = keras.ops.convert_to_numpy(model(sample_x, training=False))
+    probabilities = keras.ops.convert_to_numpy(model(sample_x, training=False))[..., -1:]
     tracking.tolerant("sample overlay", mlflow.log_image,
                       overlay_grid(sample_x, data.val_y[:OVERLAY_PATCHES], probabilities),
                       artifact_file="plots/sample_overlay.png")
