@@ -8,7 +8,7 @@ import yaml
 from tests.conftest import REPO
 from unetops.config import load_config
 from unetops.errors import UnetopsError
-from unetops.profiles import apply_profile, available, set_param_args
+from unetops.profiles import apply_profile, available, flat_items, read_profile, set_param_args
 
 
 @pytest.fixture
@@ -20,6 +20,14 @@ def project(tmp_path):
 
 def test_every_dataset_has_a_profile_that_loads():
     assert {"drive", "stare", "isbi2012"} <= set(available(REPO))
+
+
+def test_every_profile_sets_the_same_keys():
+    # a key only one profile sets would survive switching to another (`unetops profile stare`
+    # would not restore the defaults)
+    keys = {name: {key for key, _ in flat_items(read_profile(REPO, name))}
+            for name in available(REPO)}
+    assert all(found == keys["stare"] for found in keys.values()), keys
 
 
 @pytest.mark.parametrize("name", ["drive", "isbi2012"])
