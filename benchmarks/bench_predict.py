@@ -7,9 +7,11 @@ computed; normalisation, activations and pooling are not counted (memory-bound, 
 GFLOP/s use the best time, the least disturbed by other processes on a shared machine; the
 methods (and the matmul) are timed in alternating rounds, so background load hits all alike.
 
-    python benchmarks/bench_predict.py [--repeats 7] [--threads N] [--onednn 0|1]
+    python benchmarks/bench_predict.py [--repeats 7] [--threads N] [--onednn 0|1] [--profile drive]
 
-Random weights: speed does not depend on them. Targets (2 CPU cores), printed against the figures
+``--profile NAME`` times that profile's net and tiling (``profiles/NAME.yaml`` over the defaults),
+e.g. the ``drive`` profile's U-Net with IterNet's refinement on whole-image tiles: the net whose
+0.25 s the DRIVE target is about. Random weights: speed does not depend on them. Targets (2 CPU cores), printed against the figures
 after the table (exit status 1 when one is missed): <= 0.25 s at overlap 0, <= 0.6 s at the
 default overlap, >= 50 % of the matmul peak.
 """
@@ -20,6 +22,7 @@ import os
 import statistics
 import sys
 import time
+from pathlib import Path
 
 DRIVE_HEIGHT, DRIVE_WIDTH = 584, 565
 
@@ -72,6 +75,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=0, help="TF intra-op threads (0: all cores)")
+    parser.add_argument("--profile", help="time profiles/PROFILE.yaml's model and evaluate settings")
     parser.add_argument("--onednn", choices=["0", "1"], default=None,
                         help="TF_ENABLE_ONEDNN_OPTS for this run (default: the environment's, "
                              "else unetops' default)")
@@ -90,9 +94,13 @@ def main() -> int:
     from unetops.config import Config
     from unetops.model import build_unet
     from unetops.predict import Predictor, onednn_enabled
+    from unetops.profiles import flat_items, read_profile
     from unetops.tiling import tile_starts
 
     cfg = Config()
+    if args.profile:
+        root = Path(__file__).resolve().parent.parent
+        cfg = cfg.with_overrides(dict(flat_items(read_profile(root, args.profile))))
     model = build_unet(1, cfg.model)
     image = np.random.default_rng(0).random((DRIVE_HEIGHT, DRIVE_WIDTH, 1), dtype=np.float32)
     peak_call, peak_flops = matmul_call()
@@ -105,7 +113,8 @@ def main() -> int:
 
     overlap = cfg.evaluate.overlap
     auto_xla = not onednn_enabled()
-    no_overlap, default = "overlap-tile, overlap 0", f"overlap-tile, overlap {overlap} (default)"
+    no_overlap = "overlap-tile, overlap 0"
+    default = f"overlap-tile, overlap {overlap} ({args.profile or 'default'})"
     settings = [
         (no_overlap, {"evaluate.overlap": 0.0}),
         (default, {}),
@@ -127,8 +136,12 @@ def main() -> int:
     timings = interleaved(calls, args.repeats)
     peak = peak_flops / timings["peak"][0] / 1e9
     threads = args.threads or os.cpu_count()
-    print(f"\nDRIVE-size image {DRIVE_WIDTH}×{DRIVE_HEIGHT}, U-Net depth {cfg.model.depth}, "
-          f"{cfg.model.base_filters} base filters, {cfg.model.norm} norm; {threads} threads; "
+    refined = (f" + {cfg.model.refine_passes} refinement passes" if cfg.model.refine_passes
+               else "")
+    print(f"\nDRIVE-size image {DRIVE_WIDTH}×{DRIVE_HEIGHT}, "
+          f"{'profile ' + args.profile if args.profile else 'default params'}: U-Net depth "
+          f"{cfg.model.depth}, {cfg.model.base_filters} base filters, {cfg.model.norm} norm"
+          f"{refined}, tile {cfg.evaluate.tile}; {threads} threads; "
           f"oneDNN {'on' if onednn_enabled() else 'off'}, "
           f"default XLA {'on' if auto_xla else 'off'}; "
           f"fp32 matmul peak {peak:.0f} GFLOP/s; best / median of {args.repeats}\n")
