@@ -11,9 +11,9 @@ methods (and the matmul) are timed in alternating rounds, so background load hit
 
 ``--profile NAME`` times that profile's net and tiling (``profiles/NAME.yaml`` over the defaults),
 e.g. the ``drive`` profile's U-Net with IterNet's refinement on whole-image tiles: the net whose
-0.25 s the DRIVE target is about. Random weights: speed does not depend on them. Targets (2 CPU cores), printed against the figures
-after the table (exit status 1 when one is missed): <= 0.25 s at overlap 0, <= 0.6 s at the
-default overlap, >= 50 % of the matmul peak.
+0.25 s the DRIVE target is about. Random weights: speed does not depend on them. Targets (2 CPU
+cores), printed against the figures after the table (exit status 1 when one is missed):
+<= 0.25 s at overlap 0, <= 0.6 s at the default overlap, >= 50 % of the matmul peak.
 """
 
 import argparse
