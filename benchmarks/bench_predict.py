@@ -75,7 +75,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=0, help="TF intra-op threads (0: all cores)")
-    parser.add_argument("--profile", help="time profiles/PROFILE.yaml's model and evaluate settings")
+    parser.add_argument("--profile",
+                        help="time profiles/PROFILE.yaml's model and evaluate settings")
     parser.add_argument("--onednn", choices=["0", "1"], default=None,
                         help="TF_ENABLE_ONEDNN_OPTS for this run (default: the environment's, "
                              "else unetops' default)")
