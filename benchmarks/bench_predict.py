@@ -28,13 +28,19 @@ DRIVE_HEIGHT, DRIVE_WIDTH = 584, 565
 
 
 def conv_flops(model, batch_shape: tuple[int, int, int, int]) -> int:
-    """Convolution FLOPs (2 × MACs) of one forward pass of ``model`` on ``batch_shape``."""
+    """Convolution FLOPs (2 × MACs) of one forward pass of ``model`` on ``batch_shape``.
+
+    A nested model (the refinement U-Net, run once per pass with shared weights) counts once per
+    call, at the shape it is called on."""
     import keras
 
     clone = keras.models.clone_model(model, input_tensors=keras.Input(batch_shape=batch_shape))
     total = 0
     for layer in clone.layers:
-        if isinstance(layer, keras.layers.Conv2DTranspose):
+        if isinstance(layer, keras.Model):
+            total += sum(conv_flops(layer, tuple(node.input_tensors[0].shape))
+                         for node in layer._inbound_nodes)
+        elif isinstance(layer, keras.layers.Conv2DTranspose):
             n, h, w, c_in = layer.input.shape
             kh, kw = layer.kernel_size
             total += 2 * n * h * w * c_in * layer.filters * kh * kw
