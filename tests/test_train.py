@@ -285,6 +285,25 @@ def test_averaged_weights_are_the_averages_keras_finalizes():
         np.testing.assert_array_equal(ours, theirs)
 
 
+@pytest.mark.parametrize(("monitor", "keep", "kept"), [
+    ("val_f1", "best", 2), ("val_loss", "best", 3), ("val_f1", "last", 3), ("val_loss", "last", 3)])
+def test_tracker_keeps_the_best_or_the_last_finite_epoch(monitor, keep, kept):
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+    model.compile(optimizer="adam", loss="mse")
+    tracker = train.EpochTracker(train._State("x"), monitor, 8, 4, keep=keep)
+    tracker.set_model(model)
+    values = {"val_f1": [0.5, 0.8, 0.7, float("nan")], "val_loss": [0.5, 0.4, 0.3, float("nan")]}
+    weights = []
+    for epoch in range(4):
+        model.set_weights([np.full((1, 1), epoch, np.float32), np.zeros(1, np.float32)])
+        weights.append(model.get_weights())
+        tracker.on_epoch_begin(epoch)
+        tracker.on_epoch_end(epoch, {key: v[epoch] for key, v in values.items()})
+    assert tracker.state.best_epoch == kept
+    assert tracker.state.best_value == values[monitor][kept - 1]
+    np.testing.assert_array_equal(tracker.best_weights[0], weights[kept - 1][0])
+
+
 @pytest.mark.slow
 def test_weight_averaging_validates_the_averages_and_resumes_exactly(tiny):
     cfg = tiny(train={"ema_momentum": 0.9})

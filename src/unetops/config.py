@@ -247,9 +247,13 @@ class TrainConfig(Section):
     weigh 1 − β; 0.5 is Dice, Salehi et al.'s 0.7 favours recall. ``batch_dice`` pools the
     Dice/Tversky term over the batch (nnU-Net's batch Dice) instead of averaging it per patch.
     ``ema_momentum`` (null: off) keeps an exponential moving average of the weights (Keras'
-    ``use_ema``); validation, the best epoch and the saved model then use the averaged weights.
+    ``use_ema``); validation, the kept epoch and the saved model then use the averaged weights.
     ``reduce_lr_patience`` / ``early_stopping_patience`` 0 switch those callbacks off;
-    ``monitor`` picks the best model, early stopping and plateau detection.
+    ``monitor`` picks the best model, early stopping and plateau detection, and scores tuning
+    trials. ``keep`` is the epoch whose weights become the model (and whose ``monitor`` value
+    scores a trial): ``best`` by ``monitor``, or ``last``, the final epoch (nnU-Net's final
+    checkpoint) — the same epoch on every CPU, where a best epoch a few thousandths ahead of
+    its neighbours can move with the CPU's rounding (README, Determinism).
     ``strategy`` (:mod:`unetops.distribute`): ``default`` one device, no ``tf.distribute``;
     ``mirrored`` all local GPUs; ``multi_worker`` several hosts, the cluster from ``TF_CONFIG``.
     ``batch_size`` is the global batch, split evenly over the strategy's replicas.
@@ -285,6 +289,7 @@ class TrainConfig(Section):
     reduce_lr_factor: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.1
     early_stopping_patience: Annotated[int, Field(ge=0, le=10000)] = 0
     monitor: Literal["val_iou", "val_f1", "val_auc", "val_loss"] = "val_f1"
+    keep: Literal["best", "last"] = "best"
     use_tuned: bool = False
 
     @model_validator(mode="after")

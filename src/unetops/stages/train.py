@@ -3,9 +3,10 @@
 Reads ``data/split.csv``, the augmented training copies ``data/augmented/<case>_<k>.npz`` and the
 preprocessed validation cases ``data/preprocessed/<case>.npz``. Every epoch draws fresh patches
 from a generator seeded by ``(train.seed, epoch, step)``, through a prefetching ``tf.data``
-pipeline (the next batch is sampled while the current one trains); the validation metric (``train.monitor``) is computed on one fixed, seeded
-set of validation patches, and the best epoch's weights become ``models/model.keras`` (uncompiled,
-built-in layers only). Seeds, TensorFlow op determinism and one op at a time (``unetops``
+pipeline (the next batch is sampled while the current one trains); the validation metric
+(``train.monitor``) is computed on one fixed, seeded set of validation patches, and the kept
+epoch's weights (``train.keep``: the best by that metric, or the last) become
+``models/model.keras`` (uncompiled, built-in layers only). Seeds, TensorFlow op determinism and one op at a time (``unetops``
 sets ``TF_NUM_INTEROP_THREADS=1``) make the same params give the same weights on a CPU.
 
 A killed run resumes: Keras ``BackupAndRestore`` keeps weights and optimizer in
@@ -66,10 +67,10 @@ PREFETCH_BATCHES = 2
 class FitResult:
     """What one training run produced.
 
-    ``model``: compiled, with the best epoch's weights; ``history``: per-epoch Keras logs (loss,
+    ``model``: compiled, with the kept epoch's weights; ``history``: per-epoch Keras logs (loss,
     iou, f1, val_loss, val_iou, val_f1, learning_rate, seconds, patches_per_second), epochs
-    before an interruption included; ``best_epoch`` counts from 1 and ``best`` holds its
-    ``val_*`` values; ``seconds``: summed epoch times (training + validation);
+    before an interruption included; ``best_epoch``, the epoch kept (``train.keep``: the best
+    by ``train.monitor`` or the last), counts from 1 and ``best`` holds its ``val_*`` values; ``seconds``: summed epoch times (training + validation);
     ``patches_per_second``: steady-state training throughput (first epoch excluded);
     ``chief``: False on the other workers of ``multi_worker`` (no MLflow run, ``run_id`` empty,
     nothing for them to write).
@@ -140,7 +141,7 @@ def load_training_data(cfg: Config) -> TrainingData:
     if not train_cases:
         raise UnetopsError(f"{cfg.paths.split_csv}: no train cases")
     if not val_cases:
-        raise UnetopsError(f"{cfg.paths.split_csv}: no val cases (train picks its best epoch on "
+        raise UnetopsError(f"{cfg.paths.split_csv}: no val cases (train scores its epochs on "
                            "them; set split.val_fraction above 0)")
     digest = hashlib.sha256(cfg.paths.split_csv.read_bytes())
     need_weight = cfg.train.loss == "weight_map"
@@ -361,7 +362,10 @@ class _State:
 
 
 class EpochTracker(keras.callbacks.Callback):
-    """History across resumes, the best epoch by ``monitor`` (weights kept), per-epoch timing.
+    """History across resumes, the kept epoch and its weights, per-epoch timing.
+
+    ``keep``: ``best`` keeps the best epoch by ``monitor``; ``last`` the latest epoch whose
+    ``monitor`` is finite (the final one unless training diverged).
 
     Adds ``learning_rate``, ``seconds`` and ``patches_per_second`` (training phase only) to the
     epoch logs before the callbacks after it (MLflow, early stopping, pruning) see them. With a
@@ -369,9 +373,10 @@ class EpochTracker(keras.callbacks.Callback):
     """
 
     def __init__(self, state: _State, monitor: str, patches_per_epoch: int, total_epochs: int,
-                 folder: Path | None = None, best_weights: list[np.ndarray] | None = None):
+                 folder: Path | None = None, best_weights: list[np.ndarray] | None = None,
+                 keep: str = "best"):
         super().__init__()
-        self.state, self.monitor, self.folder = state, monitor, folder
+        self.state, self.monitor, self.keep, self.folder = state, monitor, keep, folder
         self.patches_per_epoch, self.total_epochs = patches_per_epoch, total_epochs
         self.best_weights = best_weights
         self._first = True
@@ -398,7 +403,8 @@ class EpochTracker(keras.callbacks.Callback):
         value = logs.get(self.monitor, float("nan"))
         best = self.state.best_value
         improved = bool(np.isfinite(value)) and (
-            best is None or (value > best if self.monitor in MAXIMISED else value < best))
+            best is None or self.keep == "last"
+            or (value > best if self.monitor in MAXIMISED else value < best))
         if improved:
             self.state.best_epoch, self.state.best_value = epoch + 1, float(value)
             self.best_weights = averaged_weights(self.model)
@@ -410,7 +416,7 @@ class EpochTracker(keras.callbacks.Callback):
         shown = " ".join(f"{k} {logs[k]:.4g}" for k in sorted(logs, key=_column_order)
                          if k != "seconds")
         log.info(f"epoch {epoch + 1}/{self.total_epochs}: {shown} ({logs['seconds']:.1f} s)"
-                 + (" best" if improved else ""))
+                 + (" kept" if improved else ""))
 
 
 def averaged_weights(model: keras.Model) -> list[np.ndarray]:
@@ -634,7 +640,7 @@ def fit(cfg: Config, *, extra_callbacks: Sequence[keras.callbacks.Callback] = ()
     state, best_weights = _load_state(folder, fingerprint) if resume else (_State(fingerprint), None)
     epoch = EpochCounter()
     tracker = EpochTracker(state, train.monitor, steps * train.batch_size, train.epochs, folder,
-                           best_weights)
+                           best_weights, train.keep)
     callbacks = [epoch, tracker, *([MlflowEpochLogger()] if where.chief else []),
                  *_optional_callbacks(train, folder), *extra_callbacks]
     margin = output_margin(cfg.model)
@@ -736,6 +742,6 @@ def run(cfg: Config) -> None:
     frame = pd.DataFrame(result.history)
     frame.insert(0, "epoch", np.arange(1, len(frame) + 1))
     write_csv(cfg.paths.train_history, frame)
-    log.info(f"best epoch {result.best_epoch}: "
+    log.info(f"kept epoch {result.best_epoch} ({cfg.train.keep}): "
              + ", ".join(f"{k} {v:.4f}" for k, v in result.best.items())
              + f"; model written to {cfg.paths.rel(cfg.paths.model)}")

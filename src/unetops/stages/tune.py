@@ -1,10 +1,11 @@
 """Stage ``tune``: an Optuna study over ``params.yaml``'s search space, tracked in MLflow.
 
 Each trial trains with ``unetops.stages.train.fit`` on the trial's params (every other key comes
-from ``params.yaml``) and is scored by the validation metric ``train.monitor`` at its best epoch;
-Optuna's Keras pruning callback stops unpromising trials after an epoch (median pruner). The test
-subset is never used to choose: it is scored only for a trial that is the study's best when it
-finishes, and the table shows it for the final best trial alone.
+from ``params.yaml``) and is scored by the validation metric ``train.monitor`` at the epoch it
+keeps (``train.keep``: its best or its last); Optuna's Keras pruning callback stops unpromising
+trials after an epoch (median pruner). The test subset is never used to choose: it is scored
+only for a trial that is the study's best when it finishes, and the table shows it for the final
+best trial alone.
 
 Restarts and parallel workers share one study through ``tune.storage`` (SQLite under ``data/``
 by default; PostgreSQL for workers on many hosts), named ``tune.study_name`` plus a fingerprint
@@ -282,7 +283,8 @@ def parent_run_id(study: optuna.Study, cfg: Config, url: sqlalchemy.URL) -> str:
                             tags={"unetops.stage": "tune", "optuna.study": study.study_name})
     # The study's settings when it was created (n_trials, which a rerun may raise, is a tag).
     settings = {key: value for key, value in tracking.flat_params(cfg).items()
-                if (key.startswith("tune.") and key != "tune.n_trials") or key == "train.monitor"}
+                if (key.startswith("tune.") and key != "tune.n_trials")
+                or key in ("train.monitor", "train.keep")}
     settings["tune.storage"] = shown_url(url)
     client.log_batch(run.info.run_id,
                      params=[Param(key, value) for key, value in sorted(settings.items())])
