@@ -253,7 +253,7 @@ class TrainConfig(Section):
     trials. ``keep`` is the epoch whose weights become the model (and whose ``monitor`` value
     scores a trial): ``best`` by ``monitor``, or ``last``, the final epoch (nnU-Net's final
     checkpoint) — the same epoch on every CPU, where a best epoch a few thousandths ahead of
-    its neighbours can move with the CPU's rounding (README, Determinism).
+    its neighbours can move with the CPU's rounding (README, Results).
     ``strategy`` (:mod:`unetops.distribute`): ``default`` one device, no ``tf.distribute``;
     ``mirrored`` all local GPUs; ``multi_worker`` several hosts, the cluster from ``TF_CONFIG``.
     ``batch_size`` is the global batch, split evenly over the strategy's replicas.

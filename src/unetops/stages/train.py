@@ -6,8 +6,9 @@ from a generator seeded by ``(train.seed, epoch, step)``, through a prefetching 
 pipeline (the next batch is sampled while the current one trains); the validation metric
 (``train.monitor``) is computed on one fixed, seeded set of validation patches, and the kept
 epoch's weights (``train.keep``: the best by that metric, or the last) become
-``models/model.keras`` (uncompiled, built-in layers only). Seeds, TensorFlow op determinism and one op at a time (``unetops``
-sets ``TF_NUM_INTEROP_THREADS=1``) make the same params give the same weights on a CPU.
+``models/model.keras`` (uncompiled, built-in layers only). Seeds, TensorFlow op determinism and
+one op at a time (``unetops`` sets ``TF_NUM_INTEROP_THREADS=1``) make the same params give the
+same weights on a CPU.
 
 A killed run resumes: Keras ``BackupAndRestore`` keeps weights and optimizer in
 ``models/checkpoints/backup`` and this module keeps the history, the best weights and the MLflow
@@ -70,7 +71,8 @@ class FitResult:
     ``model``: compiled, with the kept epoch's weights; ``history``: per-epoch Keras logs (loss,
     iou, f1, val_loss, val_iou, val_f1, learning_rate, seconds, patches_per_second), epochs
     before an interruption included; ``best_epoch``, the epoch kept (``train.keep``: the best
-    by ``train.monitor`` or the last), counts from 1 and ``best`` holds its ``val_*`` values; ``seconds``: summed epoch times (training + validation);
+    by ``train.monitor`` or the last), counts from 1 and ``best`` holds its ``val_*`` values;
+    ``seconds``: summed epoch times (training + validation);
     ``patches_per_second``: steady-state training throughput (first epoch excluded);
     ``chief``: False on the other workers of ``multi_worker`` (no MLflow run, ``run_id`` empty,
     nothing for them to write).
