@@ -11,7 +11,9 @@ methods (and the matmul) are timed in alternating rounds, so background load hit
 
 ``--profile NAME`` times that profile's net and tiling (``profiles/NAME.yaml`` over the defaults),
 e.g. the ``drive`` profile's U-Net with IterNet's refinement on whole-image tiles: the net whose
-0.25 s the DRIVE target is about. Random weights: speed does not depend on them. Targets (2 CPU
+0.25 s the DRIVE target is about. Rows time the forward pass of the configured engine
+(``evaluate.engine``: OpenVINO on a CPU-only machine) and, beside it, TensorFlow's and
+OpenVINO's bfloat16. Random weights: speed does not depend on them. Targets (2 CPU
 cores), printed against the figures after the table (exit status 1 when one is missed):
 <= 0.25 s at overlap 0, <= 0.6 s at the default overlap, >= 50 % of the matmul peak.
 """
@@ -100,7 +102,7 @@ def main() -> int:
 
     from unetops.config import Config
     from unetops.model import build_unet
-    from unetops.predict import Predictor, onednn_enabled
+    from unetops.predict import Predictor, onednn_enabled, resolve_engine
     from unetops.profiles import flat_items, read_profile
     from unetops.tiling import tile_starts
 
@@ -120,18 +122,25 @@ def main() -> int:
 
     overlap = cfg.evaluate.overlap
     auto_xla = not onednn_enabled()
+    engine = resolve_engine(cfg.evaluate.engine)
     no_overlap = "overlap-tile, overlap 0"
     default = f"overlap-tile, overlap {overlap} ({args.profile or 'default'})"
+    tensorflow = {"evaluate.engine": "tensorflow", "evaluate.precision": "float32"}
     settings = [
         (no_overlap, {"evaluate.overlap": 0.0}),
         (default, {}),
         (f"overlap-tile, overlap {overlap}, tile 256", {"evaluate.tile": 256}),
-        (f"overlap-tile, overlap {overlap}, {'no XLA' if auto_xla else 'XLA'}",
-         {"evaluate.jit_compile": not auto_xla}),
         (f"overlap-tile, overlap {overlap}, flip TTA", {"evaluate.flip_tta": True}),
+        (f"overlap {overlap}, TensorFlow engine", tensorflow),
+        (f"overlap {overlap}, TensorFlow, {'no XLA' if auto_xla else 'XLA'}",
+         {**tensorflow, "evaluate.jit_compile": not auto_xla}),
+        (f"overlap {overlap}, OpenVINO, bfloat16",
+         {"evaluate.engine": "openvino", "evaluate.precision": "bfloat16"}),
     ]
     for label, overrides in settings:
         predictor = Predictor.from_config(model, cfg.with_overrides(overrides))
+        if predictor.precision != predictor.settings.precision:  # no bfloat16 on this CPU
+            label += f" (ran in {predictor.precision})"
         tile = predictor.tile_for(DRIVE_HEIGHT, DRIVE_WIDTH)
         s = predictor.settings
         n_tiles = (len(tile_starts(DRIVE_HEIGHT, tile[0], s.overlap))
@@ -148,8 +157,8 @@ def main() -> int:
     print(f"\nDRIVE-size image {DRIVE_WIDTH}×{DRIVE_HEIGHT}, "
           f"{'profile ' + args.profile if args.profile else 'default params'}: U-Net depth "
           f"{cfg.model.depth}, {cfg.model.base_filters} base filters, {cfg.model.norm} norm"
-          f"{refined}, tile {cfg.evaluate.tile}; {threads} threads; "
-          f"oneDNN {'on' if onednn_enabled() else 'off'}, "
+          f"{refined}, tile {cfg.evaluate.tile}; {threads} threads; engine {engine} "
+          f"({cfg.evaluate.precision}); TensorFlow's oneDNN {'on' if onednn_enabled() else 'off'}, "
           f"default XLA {'on' if auto_xla else 'off'}; "
           f"fp32 matmul peak {peak:.0f} GFLOP/s; best / median of {args.repeats}\n")
     print(f"| {'method':46} | {'tiles':16} | best s | median s | GFLOP | GFLOP/s | % peak |")

@@ -8,7 +8,7 @@ from unetops.cli import app
 from unetops.errors import UnetopsError
 from unetops.io import read_image, write_png
 from unetops.predict import (Predictor, TileGeometry, collect_images, predict_images,
-                             probability_to_uint16, uint16_to_probability)
+                             probability_to_uint16, resolve_engine, uint16_to_probability)
 
 
 def tiny_model(channels: int = 1):
@@ -130,3 +130,45 @@ def test_predictor_with_a_real_unet_returns_the_image_size(project, padding):
     probability = predictor(image)
     assert probability.shape == (40, 37)
     assert 0.0 <= probability.min() and probability.max() <= 1.0
+
+
+@pytest.mark.parametrize("padding", ["same", "valid"])
+def test_openvino_engine_gives_tensorflows_probabilities(project, padding):
+    """One conversion serves every tile shape, and float32 agrees with TensorFlow's pass."""
+    from unetops.model import build_unet
+
+    cfg = project(model={"depth": 2, "base_filters": 4, "padding": padding},
+                  evaluate={"tile": 64, "overlap": 0.25, "jit_compile": False})
+    model = build_unet(1, cfg.model)
+    rng = np.random.default_rng(1)
+    engines = {engine: Predictor.from_config(model, cfg.with_overrides({"evaluate.engine": engine}))
+               for engine in ("tensorflow", "openvino")}
+    assert engines["openvino"].precision == "float32"
+    for shape in [(40, 37, 1), (150, 131, 1)]:  # one tile, then several of another size
+        image = rng.random(shape, dtype=np.float32)
+        reference = engines["tensorflow"](image)
+        np.testing.assert_allclose(engines["openvino"](image), reference, atol=1e-5)
+        assert not np.array_equal(reference, engines["tensorflow"](image[::-1]))
+
+
+def test_openvino_bfloat16_stays_close_to_float32(project):
+    from unetops.model import build_unet
+
+    cfg = project(model={"depth": 2, "base_filters": 4},
+                  evaluate={"tile": 64, "engine": "openvino", "precision": "bfloat16"})
+    model = build_unet(1, cfg.model)
+    image = np.random.default_rng(2).random((70, 66, 1), dtype=np.float32)
+    bf16 = Predictor.from_config(model, cfg)
+    assert bf16.precision in ("bfloat16", "float32")  # float32 where the CPU lacks bfloat16
+    exact = Predictor.from_config(model, cfg.with_overrides({"evaluate.precision": "float32"}))
+    np.testing.assert_allclose(bf16(image), exact(image), atol=0.02)
+
+
+def test_engine_auto_is_openvino_without_a_gpu_and_bfloat16_needs_it(project):
+    import tensorflow as tf
+
+    assert resolve_engine("tensorflow") == "tensorflow"
+    assert resolve_engine("auto") == ("tensorflow" if tf.config.list_physical_devices("GPU")
+                                      else "openvino")
+    with pytest.raises(UnetopsError, match="precision bfloat16 needs engine openvino"):
+        project(evaluate={"engine": "tensorflow", "precision": "bfloat16"})

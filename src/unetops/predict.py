@@ -109,6 +109,42 @@ def onednn_enabled() -> bool:
     return os.environ.get("TF_ENABLE_ONEDNN_OPTS", "1").strip().lower() not in ("0", "false")
 
 
+def resolve_engine(engine: str) -> str:
+    """``evaluate.engine`` with ``auto`` decided: TensorFlow where it sees a GPU, else OpenVINO."""
+    if engine != "auto":
+        return engine
+    import tensorflow as tf
+
+    return "tensorflow" if tf.config.list_physical_devices("GPU") else "openvino"
+
+
+def openvino_predict_fn(model, precision: str = "float32") -> tuple[PredictFn, str]:
+    """The model converted to OpenVINO and compiled for the CPU, and the precision it runs in.
+
+    Traced with unknown batch and tile sizes, so one conversion serves every tile shape (traced
+    at one size, the transposed convolutions' output shapes would be frozen). OpenVINO fuses
+    convolution, normalisation and activation for the CPU it runs on; asked for bfloat16, it
+    computes in it only where the CPU has bfloat16 instructions, and in float32 elsewhere.
+    """
+    import openvino as ov
+    import tensorflow as tf
+
+    channels = int(model.input_shape[-1])
+    forward = tf.function(lambda batch: model(batch, training=False), input_signature=[
+        tf.TensorSpec((None, None, None, channels), tf.float32)])
+    compiled = ov.Core().compile_model(
+        ov.convert_model(forward.get_concrete_function()), "CPU",
+        {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bfloat16" else "f32",
+         "PERFORMANCE_HINT": "LATENCY"})
+    request = compiled.create_infer_request()
+    bfloat16 = compiled.get_property("INFERENCE_PRECISION_HINT") == ov.Type.bf16
+
+    def predict(batch: np.ndarray) -> np.ndarray:
+        return request.infer([np.ascontiguousarray(batch, np.float32)])[0]
+
+    return predict, "bfloat16" if bfloat16 else "float32"
+
+
 def compiled_predict_fn(model, jit_compile: bool | str = "auto") -> PredictFn:
     """The model's forward pass as a numpy callable (images of many sizes share one trace).
 
@@ -159,7 +195,11 @@ class Predictor:
         self.geometry = geometry
         self.name = name
         self.channels = int(model.input_shape[-1])
-        self.predict_fn = compiled_predict_fn(model, settings.jit_compile)
+        self.engine = resolve_engine(settings.engine)
+        if self.engine == "openvino":
+            self.predict_fn, self.precision = openvino_predict_fn(model, settings.precision)
+        else:
+            self.predict_fn, self.precision = compiled_predict_fn(model, settings.jit_compile), "float32"
 
     @classmethod
     def from_config(cls, model, cfg: Config, name: str = "model") -> "Predictor":

@@ -359,6 +359,7 @@ def run(cfg: Config) -> None:
         raise UnetopsError(f"{paths.rel(paths.split_csv)}: no test cases")
     model = load_model(None, cfg)
     predictor = Predictor.from_config(model, cfg, name=paths.rel(paths.model))
+    log.info("evaluate: %s forward pass in %s", predictor.engine, predictor.precision)
     results = []
     with atomic_dir(paths.predictions) as staged:
         for row in track(split.itertuples(index=False), "evaluate", total=len(split)):
