@@ -12,8 +12,8 @@ methods (and the matmul) are timed in alternating rounds, so background load hit
 ``--profile NAME`` times that profile's net and tiling (``profiles/NAME.yaml`` over the defaults),
 e.g. the ``drive`` profile's U-Net with IterNet's refinement on whole-image tiles: the net whose
 0.25 s the DRIVE target is about. Rows time the forward pass of the configured engine
-(``evaluate.engine``: OpenVINO on a CPU-only machine) and, beside it, TensorFlow's and
-OpenVINO's bfloat16. Random weights: speed does not depend on them. Targets (2 CPU
+(``evaluate.engine``: OpenVINO on a CPU-only machine, in the params' ``evaluate.precision``) and,
+beside it, TensorFlow's and OpenVINO's other precision. Random weights: speed does not depend on them. Targets (2 CPU
 cores), printed against the figures after the table (exit status 1 when one is missed):
 <= 0.25 s at overlap 0, <= 0.6 s at the default overlap, >= 50 % of the matmul peak.
 """
@@ -126,6 +126,7 @@ def main() -> int:
     no_overlap = "overlap-tile, overlap 0"
     default = f"overlap-tile, overlap {overlap} ({args.profile or 'default'})"
     tensorflow = {"evaluate.engine": "tensorflow", "evaluate.precision": "float32"}
+    other_precision = "float32" if cfg.evaluate.precision == "bfloat16" else "bfloat16"
     settings = [
         (no_overlap, {"evaluate.overlap": 0.0}),
         (default, {}),
@@ -134,8 +135,8 @@ def main() -> int:
         (f"overlap {overlap}, TensorFlow engine", tensorflow),
         (f"overlap {overlap}, TensorFlow, {'no XLA' if auto_xla else 'XLA'}",
          {**tensorflow, "evaluate.jit_compile": not auto_xla}),
-        (f"overlap {overlap}, OpenVINO, bfloat16",
-         {"evaluate.engine": "openvino", "evaluate.precision": "bfloat16"}),
+        (f"overlap {overlap}, OpenVINO, {other_precision}",
+         {"evaluate.engine": "openvino", "evaluate.precision": other_precision}),
     ]
     for label, overrides in settings:
         predictor = Predictor.from_config(model, cfg.with_overrides(overrides))
