@@ -13,9 +13,10 @@ methods (and the matmul) are timed in alternating rounds, so background load hit
 e.g. the ``drive`` profile's U-Net with IterNet's refinement on whole-image tiles: the net whose
 0.25 s the DRIVE target is about. Rows time the forward pass of the configured engine
 (``evaluate.engine``: OpenVINO on a CPU-only machine, in the params' ``evaluate.precision``) and,
-beside it, TensorFlow's and OpenVINO's other precision. Random weights: speed does not depend on them. Targets (2 CPU
-cores), printed against the figures after the table (exit status 1 when one is missed):
-<= 0.25 s at overlap 0, <= 0.6 s at the default overlap, >= 50 % of the matmul peak.
+beside it, TensorFlow's and OpenVINO's other precision. Random weights: speed does not depend
+on them. Targets (2 CPU cores), printed against the figures after the table (exit status 1 when
+one is missed): <= 0.25 s at overlap 0, <= 0.6 s at the default overlap, >= 50 % of the matmul
+peak.
 """
 
 import argparse
