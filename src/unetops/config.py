@@ -310,15 +310,15 @@ class EvaluateConfig(Section):
     neighbour; ``blend`` weighs overlaps with nnU-Net's Gaussian or uniformly; ``batch_size``
     caps tiles per forward pass; ``flip_tta`` averages the four mirror images (4× the time).
     ``engine`` runs the forward pass: ``openvino`` converts the Keras model to OpenVINO and runs
-    it on the CPU (the same float32 probabilities within about 1e-6, 1.4× faster than TensorFlow
+    it on the CPU (the same float32 probabilities within 1e-5, 1.3-1.4× TensorFlow's speed
     on a 2-core Intel Xeon), ``tensorflow`` calls the model in a ``tf.function``, ``auto`` is
     ``tensorflow`` where TensorFlow sees a GPU and ``openvino`` elsewhere. ``precision:
-    bfloat16`` lets OpenVINO compute in bfloat16 (about 4× faster again on CPUs with AVX512_BF16
-    or AMX, probabilities within about 0.005; float32 where the CPU has neither); the TensorFlow
-    engine predicts in float32. ``jit_compile`` runs TensorFlow's forward pass through XLA
-    (``auto``: only when TensorFlow's oneDNN kernels are off, ``TF_ENABLE_ONEDNN_OPTS=0``; with
-    them on, plain TF is faster on CPU). ``benchmarks/bench_predict.py`` times each choice.
-    ``curve_points`` is the ROC/PR plot's
+    bfloat16`` lets OpenVINO compute in bfloat16 (about 3× faster again on CPUs with AVX512_BF16
+    or AMX, probabilities within about 0.005, the DRIVE and STARE rows' figures within 0.0016;
+    float32 where the CPU has neither); the TensorFlow engine predicts in float32.
+    ``jit_compile`` runs TensorFlow's forward pass through XLA (``auto``: only when TensorFlow's
+    oneDNN kernels are off, ``TF_ENABLE_ONEDNN_OPTS=0``; with them on, plain TF is faster on CPU).
+    ``benchmarks/bench_predict.py`` times each choice. ``curve_points`` is the ROC/PR plot's
     resolution; ``champion_metric`` is the validation metric (pooled FOV pixels, threshold 0.5)
     a new model must beat to take the registry alias ``champion``.
     """

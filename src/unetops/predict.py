@@ -196,10 +196,11 @@ class Predictor:
         self.name = name
         self.channels = int(model.input_shape[-1])
         self.engine = resolve_engine(settings.engine)
+        self.precision = "float32"
         if self.engine == "openvino":
             self.predict_fn, self.precision = openvino_predict_fn(model, settings.precision)
         else:
-            self.predict_fn, self.precision = compiled_predict_fn(model, settings.jit_compile), "float32"
+            self.predict_fn = compiled_predict_fn(model, settings.jit_compile)
 
     @classmethod
     def from_config(cls, model, cfg: Config, name: str = "model") -> "Predictor":
